@@ -1,0 +1,1 @@
+"""Fused Triton kernels of the selection (installed as ``zspaprune_ops.kernels``)."""

@@ -1,0 +1,29 @@
+"""zspaprune: zero-shot prompt-aware visual-token pruning (ZSPAPrune) as a fused torch op.
+
+The repository keeps `kernels/` and `reference/` at the top level; they install inside the
+package as `zspaprune_ops.kernels` and `zspaprune_ops.reference`, never as top-level packages
+(PyPI already has an unrelated `kernels`).
+"""
+from setuptools import setup
+
+setup(
+    name="zspaprune",
+    version="0.1.0",
+    description="ZSPAPrune visual-token pruning for vision-language models: torch.ops.zspaprune.select",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["zspaprune_ops", "zspaprune_ops.kernels", "zspaprune_ops.reference"],
+    package_dir={
+        "zspaprune_ops": "zspaprune_ops",
+        "zspaprune_ops.kernels": "kernels",
+        "zspaprune_ops.reference": "reference",
+    },
+    install_requires=["torch>=2.11", "triton>=3.6"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "numpy"],
+        "hf": ["transformers>=5.0", "Pillow"],
+    },
+    entry_points={"console_scripts": ["zspaprune = zspaprune_ops.cli:main"]},
+)
