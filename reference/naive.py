@@ -44,7 +44,7 @@ def select_batched(visual, prompt, keep, relevance_ratio, prompt_mask=None, visu
 
     # 1. Relevance core: the top n_core tokens by cosine to the mean prompt, lower index on ties.
     relevance = torch.einsum("bnd,bd->bn", v_hat, _mean_prompt(prompt, prompt_mask))
-    relevance = torch.where(relevance.isnan(), DEMOTED, relevance)
+    relevance = torch.where(scorable & ~relevance.isnan(), relevance, DEMOTED)
     relevance = torch.where(real, relevance, PADDING)
     by_relevance = torch.sort(relevance, dim=1, descending=True, stable=True).indices
     n_core = torch.where(has_prompt, core_size(keep, relevance_ratio), 0)  # [B]

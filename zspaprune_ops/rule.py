@@ -10,8 +10,9 @@ NORM_EPS = 1e-12
 """Norms are clamped to at least this before dividing: a zero vector stays zero."""
 
 DEMOTED = -2.0
-"""Key of a real token that cannot be scored: non-finite features (its float32 norm is NaN or
-Inf), or a NaN relevance. Such tokens are taken only after every scorable real token."""
+"""Key of a real token that cannot be scored: its float32 norm is NaN or Inf (non-finite
+features, or a sum of squares that overflows float32), or its relevance is NaN (a non-finite
+prompt). Such tokens are taken only after every scorable real token, lowest index first."""
 
 PADDING = -3.0
 """Key of a padded token (visual_mask False). Reached only when value checks are off and
