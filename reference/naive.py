@@ -112,8 +112,8 @@ def _nearest_other_distance(v_hat, real):
     for start in range(0, N, rows_per_chunk):
         stop = min(start + rows_per_chunk, N)
         distance = 1.0 - v_hat[:, start:stop] @ v_hat.transpose(1, 2)  # [B, rows, N]
-        others = real[:, None, :].expand_as(distance).clone()
-        others[:, torch.arange(stop - start), torch.arange(start, stop)] = False
-        distance = torch.where(others & ~distance.isnan(), distance, float("inf"))
+        distance.masked_fill_(~real[:, None, :] | distance.isnan(), float("inf"))
+        own = torch.arange(start, stop, device=v_hat.device)
+        distance[:, own - start, own] = float("inf")  # a token is not its own neighbour
         nearest[:, start:stop] = distance.amin(dim=-1)
     return nearest
