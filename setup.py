@@ -20,6 +20,7 @@ setup(
         "zspaprune_ops.kernels": "kernels",
         "zspaprune_ops.reference": "reference",
     },
+    package_data={"zspaprune_ops": ["assets/*.png"]},
     install_requires=["torch>=2.11", "triton>=3.6"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "numpy"],

@@ -4,6 +4,8 @@ import time
 
 import torch
 
+from zspaprune_ops import demo
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--backend", default="auto", help="auto or reference (auto)")
     sel.add_argument("--repeat", type=int, default=5, help="timed runs after a warm-up (5)")
     sel.set_defaults(run=_select_command)
+    demo.add_parser(commands)
     return parser
 
 

@@ -1,0 +1,81 @@
+"""Wall-clock medians and peak tensor memory of a callable, shared by the demo and the benchmarks."""
+import contextlib
+import os
+import time
+from typing import Callable, Optional
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, repeat: int = 5,
+                   warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeat`` runs after ``warmup`` untimed ones.
+
+    The device is synchronized before and after each run, so queued GPU work is counted.
+    """
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeat):
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak bytes of live tensors on ``device`` while ``fn()`` runs, weights and inputs included.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset. CPU: the torch profiler's memory
+    timeline (every tensor the run allocates or touches); ``None`` where that is unavailable
+    (it uses a private profiler API) or on other devices.
+    """
+    with torch.inference_mode():
+        if device.type == "cuda":
+            synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            fn()
+            synchronize(device)
+            return torch.cuda.max_memory_allocated(device)
+        if device.type == "cpu":
+            return _cpu_peak_bytes(fn)
+    return None
+
+
+def _cpu_peak_bytes(fn) -> Optional[int]:
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+        with _native_stderr_silenced(), profile(
+                activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                with_stack=True) as prof:
+            fn()
+        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(
+            torch.device("cpu"))
+        return int(max(sum(step) for step in sizes)) if sizes else None
+    except Exception:  # a private API: any change in it means "not measured", not a crash
+        return None
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Some torch builds' profilers log start/stop lines from C++ straight to fd 2."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

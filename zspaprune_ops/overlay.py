@@ -1,0 +1,123 @@
+"""Draw which visual tokens a budget kept, on the image the model saw (PIL only).
+
+A ``TokenGrid`` maps a span of an image's token sequence to a grid of boxes on the image;
+``draw_overlay`` renders one panel per (grid, budget): kept patches framed in the core or
+fill colour, dropped patches dimmed.
+"""
+from dataclasses import dataclass
+from typing import Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+CORE_COLOUR = (255, 140, 0)  # relevance core: orange
+FILL_COLOUR = (0, 200, 255)  # diversity fill: cyan
+PANEL = 336  # panel side in pixels
+TITLE = 22  # title strip height
+GAP = 8  # space between panels
+LEGEND = 26  # legend strip height
+DIM = 0.35  # brightness kept for dropped patches
+BORDER = 2  # frame width around a kept patch
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """Tokens ``offset + r * row_stride + c`` (r < rows, c < cols) tile ``box`` row-major.
+
+    ``box`` = (left, top, right, bottom) in original-image pixels; ``row_stride`` > ``cols``
+    skips tokens that are not patches (LLaVA-NeXT's image-newline token ending each row).
+    """
+
+    name: str
+    box: tuple
+    rows: int
+    cols: int
+    offset: int = 0
+    row_stride: int = 0
+
+    def cell(self, token: int):
+        """(row, col) of ``token`` in this grid, or None if it is not one of its patches."""
+        stride = self.row_stride or self.cols
+        local = token - self.offset
+        row, col = divmod(local, stride)
+        if local < 0 or row >= self.rows or col >= self.cols:
+            return None
+        return row, col
+
+    def cell_box(self, row: int, col: int) -> tuple:
+        """Pixel box (left, top, right, bottom) of a cell inside a PANEL x PANEL panel."""
+        return (round(col * PANEL / self.cols), round(row * PANEL / self.rows),
+                round((col + 1) * PANEL / self.cols), round((row + 1) * PANEL / self.rows))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One panel's content: the kept token indices of one image and its relevance core."""
+
+    label: str
+    kept: Sequence[int]
+    core: Sequence[int]
+
+
+def panel_origin(grid_index: int, budget_index: int) -> tuple:
+    """Top-left pixel of the image area of a panel in the figure."""
+    return (GAP + budget_index * (PANEL + GAP),
+            LEGEND + grid_index * (TITLE + PANEL + GAP) + TITLE)
+
+
+def figure_size(n_grids: int, n_budgets: int) -> tuple:
+    return (GAP + n_budgets * (PANEL + GAP), LEGEND + n_grids * (TITLE + PANEL + GAP))
+
+
+def draw_overlay(image: Image.Image, grids: Sequence[TokenGrid],
+                 budgets: Sequence[Budget]) -> Image.Image:
+    """The figure: one row of panels per grid, one column per budget (RGB)."""
+    figure = Image.new("RGB", figure_size(len(grids), len(budgets)), (255, 255, 255))
+    draw = ImageDraw.Draw(figure)
+    font = _font()
+    _draw_legend(draw, font)
+    for g, grid in enumerate(grids):
+        view = image.convert("RGB").crop(grid.box).resize((PANEL, PANEL), Image.BICUBIC)
+        dimmed = view.point(lambda value: int(value * DIM))
+        for b, budget in enumerate(budgets):
+            left, top = panel_origin(g, b)
+            panel = dimmed.copy()
+            cells = _kept_cells(grid, budget)
+            for (row, col) in cells:
+                box = grid.cell_box(row, col)
+                panel.paste(view.crop(box), box[:2])
+            panel_draw = ImageDraw.Draw(panel)
+            for (row, col), in_core in cells.items():
+                box = grid.cell_box(row, col)
+                panel_draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), width=BORDER,
+                                     outline=CORE_COLOUR if in_core else FILL_COLOUR)
+            figure.paste(panel, (left, top))
+            title = f"{budget.label} · {grid.name}" if len(grids) > 1 else budget.label
+            draw.text((left, top - TITLE + 3), title, fill=(0, 0, 0), font=font)
+    return figure
+
+
+def _kept_cells(grid: TokenGrid, budget: Budget) -> dict:
+    """{(row, col): in_core} for the kept tokens that are patches of ``grid``."""
+    core = set(budget.core)
+    cells = {}
+    for token in budget.kept:
+        cell = grid.cell(token)
+        if cell is not None:
+            cells[cell] = token in core
+    return cells
+
+
+def _draw_legend(draw, font) -> None:
+    x = GAP
+    for colour, text in ((CORE_COLOUR, "relevance core"), (FILL_COLOUR, "diversity fill")):
+        draw.rectangle((x, 7, x + 12, 19), outline=colour, width=BORDER + 1)
+        draw.text((x + 18, 5), text, fill=(0, 0, 0), font=font)
+        x += 150
+    draw.text((x, 5), "dimmed = pruned", fill=(0, 0, 0), font=font)
+
+
+def _font():
+    try:
+        return ImageFont.load_default(size=14)
+    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
+        return ImageFont.load_default()
