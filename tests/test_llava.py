@@ -1,0 +1,328 @@
+"""ZSPAPruneLlava on tiny offline LLaVA / LLaVA-NeXT models (random weights, built per session)."""
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from PIL import Image  # noqa: E402
+from transformers import AutoProcessor  # noqa: E402
+
+import zspaprune_ops.reference  # noqa: E402
+from zspaprune_ops.llava import ZSPAPruneLlava, position_ids_from_mask  # noqa: E402
+from zspaprune_ops.tiny_llava import build_tiny_llava  # noqa: E402
+
+KINDS = ("llava", "llava_next")
+PROMPTS = ("USER: <image> What is shown in the image? ASSISTANT:",
+           "USER: <image> Where is the cat? ASSISTANT:",
+           "USER: <image> <image> How many objects are there, left and right? ASSISTANT:")
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_llava")
+    return {kind: build_tiny_llava(root / kind, kind, seed=1) for kind in KINDS}
+
+
+_models = {}
+
+
+def load(folders, kind, attn="sdpa", dtype=torch.float32, keep=64, ratio=0.5,
+         backend="auto") -> ZSPAPruneLlava:
+    """The wrapped tiny model (loaded once per kind / attention / dtype)."""
+    key = (kind, attn, dtype)
+    if key not in _models:
+        _models[key] = ZSPAPruneLlava.from_pretrained(folders[kind], attn_implementation=attn,
+                                                      dtype=dtype).model
+    return ZSPAPruneLlava(_models[key], keep, ratio, backend)
+
+
+def processor(folders, kind, padding_side="left"):
+    proc = AutoProcessor.from_pretrained(folders[kind])
+    proc.tokenizer.padding_side = padding_side
+    return proc
+
+
+def images(seed, sizes):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
+def batch(folders, kind, prompts, sizes, seed=0, padding_side="left"):
+    """Processor outputs for ``prompts`` with random images of ``sizes`` (in placeholder order)."""
+    proc = processor(folders, kind, padding_side)
+    return dict(proc(images=images(seed, sizes), text=list(prompts), return_tensors="pt",
+                     padding=True))
+
+
+def image_features(model, inputs):
+    """Projector outputs per image, straight from the model (independent of the wrapper)."""
+    extra = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
+    with torch.no_grad():
+        out = model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True,
+                                       **extra)
+    return list(out.pooler_output)
+
+
+def newline_flags(model, feature):
+    newline = getattr(model.model, "image_newline", None)
+    if newline is None:
+        return torch.zeros(feature.shape[0], dtype=torch.bool)
+    return (feature == newline.to(feature)).all(dim=-1)
+
+
+def images_per_sample(inputs, features, image_id):
+    """The indices of each sample's images (images fill the placeholders in batch order)."""
+    result, image = [], 0
+    for ids in inputs["input_ids"]:
+        tokens, mine = int((ids == image_id).sum()), []
+        while tokens > 0:
+            tokens -= features[image].shape[0]
+            mine.append(image)
+            image += 1
+        result.append(mine)
+    return result
+
+
+def expected_kept_count(model, feature, keep):
+    """Whole image if it has at most ``keep`` tokens, else ``keep`` non-newline tokens (or all)."""
+    if feature.shape[0] <= keep:
+        return feature.shape[0]
+    return min(keep, int((~newline_flags(model, feature)).sum()))
+
+
+def real_rows(tensor, mask):
+    """The real (mask == 1) positions of each row, as a list of tensors."""
+    return [row[m.bool()] for row, m in zip(tensor, mask)]
+
+
+def expected_sequences(model, inputs, kept_indices):
+    """Each sample's pruned embedding sequence, rebuilt from input_ids and kept_indices."""
+    features = image_features(model, inputs)
+    embed = model.get_input_embeddings()
+    image_id, image = model.config.image_token_id, 0
+    sequences = []
+    for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"]):
+        ids = ids[mask.bool()]
+        parts, start = [], 0
+        while start < len(ids):
+            if ids[start] != image_id:
+                parts.append(embed(ids[start:start + 1]))
+                start += 1
+                continue
+            kept = kept_indices[image][kept_indices[image] >= 0]
+            parts.append(features[image][kept].to(parts[0].dtype))
+            start += features[image].shape[0]
+            image += 1
+        sequences.append(torch.cat(parts))
+    return sequences
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_keep_everything_reproduces_the_unwrapped_model(folders, kind):
+    sizes = [(32, 32), (40, 70)] if kind == "llava_next" else [(32, 32), (20, 50)]
+    inputs = batch(folders, kind, PROMPTS[:2], sizes)
+    wrapped = load(folders, kind, keep=10_000)
+    model = wrapped.model
+    mask = inputs["attention_mask"]
+    with torch.no_grad():
+        pruned = wrapped.prune_inputs(**inputs)
+        logits = wrapped(**inputs).logits
+        reference = model(**inputs, position_ids=position_ids_from_mask(mask)).logits
+    assert torch.equal(pruned.attention_mask, mask)
+    for got, want in zip(real_rows(logits, mask), real_rows(reference, mask)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    new = wrapped.generate(**inputs, max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        full = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(new, full[:, inputs["input_ids"].shape[1]:])
+
+
+@pytest.mark.parametrize("kind,dtype", [("llava", torch.float32), ("llava", torch.bfloat16),
+                                        ("llava_next", torch.float32)])
+def test_pruned_sequence_holds_exactly_the_kept_projector_outputs(folders, kind, dtype):
+    keep = 5
+    prompts = PROMPTS if kind == "llava" else PROMPTS[:2]
+    sizes = [(32, 32), (50, 30), (32, 64), (64, 48)][:len(prompts) + (kind == "llava")]
+    inputs = batch(folders, kind, prompts, sizes, seed=3)
+    wrapped = load(folders, kind, dtype=dtype, keep=keep)
+    with torch.no_grad():
+        pruned = wrapped.prune_inputs(**inputs)
+    features = image_features(wrapped.model, inputs)
+    assert pruned.kept_indices.shape == (len(features), keep)
+    assert pruned.kept_indices.dtype == torch.int64
+    for kept in pruned.kept_indices:
+        assert torch.all(kept[1:] > kept[:-1])  # ascending, distinct
+    image_id = wrapped.model.config.image_token_id
+    kept_counts = (pruned.kept_indices >= 0).sum(dim=1).tolist()
+    assert kept_counts == [expected_kept_count(wrapped.model, f, keep) for f in features]
+    for sample, mine in enumerate(images_per_sample(inputs, features, image_id)):
+        dropped = sum(features[i].shape[0] - kept_counts[i] for i in mine)
+        length = int(inputs["attention_mask"][sample].sum()) - dropped
+        assert int(pruned.attention_mask[sample].sum()) == length
+    with torch.no_grad():
+        expected = expected_sequences(wrapped.model, inputs, pruned.kept_indices)
+    for got, want in zip(real_rows(pruned.inputs_embeds, pruned.attention_mask), expected):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("keep,ratio,prompt_only_question", [(4, 0.5, False), (7, 1.0, True),
+                                                             (3, 0.0, False)])
+def test_selection_equals_the_reference_on_the_same_features(folders, kind, keep, ratio,
+                                                             prompt_only_question):
+    prompts = PROMPTS[:2] if kind == "llava_next" else PROMPTS
+    sizes = [(32, 32), (30, 60), (64, 40), (45, 45)][:len(prompts) + (kind == "llava")]
+    inputs = batch(folders, kind, prompts, sizes, seed=keep)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    wrapped = load(folders, kind, keep=keep, ratio=ratio)
+    image_id = wrapped.model.config.image_token_id
+    prompt_mask = None
+    if prompt_only_question:  # the prompt vector from the tokens after the last image only
+        after_image = torch.cumsum((ids == image_id).flip(1).long(), dim=1).flip(1) == 0
+        prompt_mask = after_image & mask.bool()
+    with torch.no_grad():
+        kept = wrapped.prune_inputs(**inputs, prompt_mask=prompt_mask).kept_indices
+        embeds = wrapped.model.get_input_embeddings()(ids)
+    features = image_features(wrapped.model, inputs)
+    samples = [b for b, mine in enumerate(images_per_sample(inputs, features, image_id))
+               for _ in mine]
+    for image, (feature, sample) in enumerate(zip(features, samples)):
+        text = mask[sample].bool() & (ids[sample] != image_id)
+        if prompt_mask is not None:
+            text &= prompt_mask[sample]
+        candidates = (~newline_flags(wrapped.model, feature)).nonzero().squeeze(1)
+        want = zspaprune_ops.reference.select(feature[candidates], embeds[sample][text], keep,
+                                              ratio)
+        assert torch.equal(kept[image], candidates[want])
+
+
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_padded_batch_equals_per_sample_runs(folders, kind, padding_side):
+    prompts = [PROMPTS[2], PROMPTS[1]] if kind == "llava" else [PROMPTS[1], PROMPTS[0]]
+    sizes = [(32, 32), (48, 20), (64, 40)] if kind == "llava" else [(32, 32), (30, 70)]
+    per_sample = [sizes[:2], sizes[2:]] if kind == "llava" else [sizes[:1], sizes[1:]]
+    inputs = batch(folders, kind, prompts, sizes, seed=5, padding_side=padding_side)
+    assert not inputs["attention_mask"].all()  # the batch is padded
+    wrapped = load(folders, kind, keep=6)
+    with torch.no_grad():
+        pruned = wrapped.prune_inputs(**inputs)
+        logits = wrapped(**inputs).logits
+    new = wrapped.generate(**inputs, max_new_tokens=5, do_sample=False)
+    first = 0
+    for sample, (prompt, mine) in enumerate(zip(prompts, per_sample)):
+        alone = batch(folders, kind, [prompt], mine, seed=5)
+        # the same pixels as in the batch: re-use the batch's images of this sample
+        alone["pixel_values"] = inputs["pixel_values"][first:first + len(mine)]
+        if "image_sizes" in inputs:
+            alone["image_sizes"] = inputs["image_sizes"][first:first + len(mine)]
+        with torch.no_grad():
+            pruned_alone = wrapped.prune_inputs(**alone)
+            logits_alone = wrapped(**alone).logits
+        rows = slice(first, first + len(mine))
+        assert torch.equal(pruned.kept_indices[rows], pruned_alone.kept_indices)
+        real = pruned.attention_mask[sample].bool()
+        torch.testing.assert_close(logits[sample][real], logits_alone[0], rtol=1e-5, atol=1e-5)
+        new_alone = wrapped.generate(**alone, max_new_tokens=5, do_sample=False)
+        assert torch.equal(new[sample], new_alone[0])
+        first += len(mine)
+    side = pruned.attention_mask[:, -1] if padding_side == "left" else pruned.attention_mask[:, 0]
+    assert side.all()  # the shortened batch keeps the input's padding side
+
+
+def test_next_newlines_are_never_candidates_and_small_images_stay_whole(folders):
+    inputs = batch(folders, "llava_next", PROMPTS[:2], [(32, 32), (64, 24)], seed=8)
+    model = load(folders, "llava_next").model
+    features = image_features(model, inputs)
+    newlines = [newline_flags(model, f) for f in features]
+    assert all(flags.any() for flags in newlines)  # AnyRes rows end in image newlines
+    small, large = sorted(f.shape[0] for f in features)
+    # keep between the two counts: the small image stays whole (newlines included); the large
+    # one keeps `keep` of its content tokens and none of its newlines
+    for keep in (small, large - 1):
+        with torch.no_grad():
+            kept = load(folders, "llava_next", keep=keep).prune_inputs(**inputs).kept_indices
+        for image, feature in enumerate(features):
+            row = kept[image][kept[image] >= 0]
+            if feature.shape[0] <= keep:
+                assert torch.equal(row, torch.arange(feature.shape[0]))
+            else:
+                assert not newlines[image][row].any()
+                assert row.numel() == min(keep, int((~newlines[image]).sum()))
+
+
+def test_eager_and_sdpa_attention_give_the_same_results(folders):
+    inputs = batch(folders, "llava", PROMPTS[:2], [(32, 32), (40, 24)], seed=9)
+    results = []
+    for attn in ("eager", "sdpa"):
+        wrapped = load(folders, "llava", attn=attn, keep=5)
+        assert wrapped.model.config._attn_implementation == attn
+        with torch.no_grad():
+            pruned = wrapped.prune_inputs(**inputs)
+            logits = wrapped(**inputs).logits
+        new = wrapped.generate(**inputs, max_new_tokens=5, do_sample=False)
+        results.append((pruned.kept_indices, logits, pruned.attention_mask.bool(), new))
+    (kept_e, logits_e, mask, new_e), (kept_s, logits_s, _, new_s) = results
+    assert torch.equal(kept_e, kept_s)
+    torch.testing.assert_close(logits_e[mask], logits_s[mask], rtol=1e-5, atol=1e-5)
+    assert torch.equal(new_e, new_s)
+
+
+def test_reference_backend_gives_the_same_selection(folders):
+    inputs = batch(folders, "llava_next", PROMPTS[:2], [(32, 32), (60, 40)], seed=10)
+    with torch.no_grad():
+        auto = load(folders, "llava_next", keep=9).prune_inputs(**inputs)
+        ref = load(folders, "llava_next", keep=9, backend="reference").prune_inputs(**inputs)
+    assert torch.equal(auto.kept_indices, ref.kept_indices)
+    assert torch.equal(auto.inputs_embeds, ref.inputs_embeds)
+
+
+def test_torch_compile_of_the_wrapped_forward(folders):
+    inputs = batch(folders, "llava", PROMPTS[:2], [(32, 32), (40, 24)], seed=11)
+    wrapped = load(folders, "llava", keep=5)
+    with torch.no_grad():
+        eager = wrapped(**inputs).logits
+        compiled = torch.compile(wrapped, backend="aot_eager")(**inputs).logits
+        # the selection itself compiles without a graph break on the op
+        features = torch.stack(image_features(wrapped.model, inputs))
+        embeds = wrapped.model.get_input_embeddings()(inputs["input_ids"])
+        prompt_mask = inputs["input_ids"] != wrapped.model.config.image_token_id
+        select = torch.compile(wrapped._select, backend="aot_eager", fullgraph=True)
+        kept = select(features, embeds, prompt_mask, None)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert torch.equal(kept, wrapped._select(features, embeds, prompt_mask, None))
+
+
+def test_bad_arguments_raise_clear_errors(folders):
+    model = load(folders, "llava").model
+    inputs = batch(folders, "llava", PROMPTS[:1], [(32, 32)])
+    for kwargs, error, words in [
+            (dict(keep=0), ValueError, "keep"), (dict(keep=2.0), TypeError, "keep"),
+            (dict(relevance_ratio=1.5), ValueError, "relevance_ratio"),
+            (dict(relevance_ratio="half"), TypeError, "relevance_ratio"),
+            (dict(backend="cuda"), ValueError, "backend")]:
+        with pytest.raises(error, match=words):
+            ZSPAPruneLlava(model, **kwargs)
+    with pytest.raises(TypeError, match="model"):
+        ZSPAPruneLlava(model.model.language_model)
+    wrapped = ZSPAPruneLlava(model, keep=4)
+    ids, pixels = inputs["input_ids"], inputs["pixel_values"]
+    with pytest.raises(ValueError, match="input_ids"):
+        wrapped.prune_inputs(ids.float(), pixels)
+    with pytest.raises(ValueError, match="attention_mask"):
+        wrapped.prune_inputs(ids, pixels, attention_mask=inputs["attention_mask"][:, 1:])
+    with pytest.raises(TypeError, match="prompt_mask"):
+        wrapped.prune_inputs(ids, pixels, prompt_mask=torch.ones_like(ids))
+    with pytest.raises(ValueError, match="image tokens"):
+        wrapped.prune_inputs(ids, torch.cat([pixels, pixels]))
+    with pytest.raises(ValueError, match="padding_side"):
+        wrapped.prune_inputs(ids, pixels, padding_side="middle")
+    with pytest.raises(ValueError, match="labels"):
+        wrapped(**inputs, labels=ids)
+    next_inputs = batch(folders, "llava_next", PROMPTS[:1], [(32, 32)])
+    with pytest.raises(ValueError, match="image_sizes"):
+        load(folders, "llava_next").prune_inputs(next_inputs["input_ids"],
+                                                 next_inputs["pixel_values"])
