@@ -6,8 +6,14 @@ Each measurement is a JSON row appended to ``bench/results/<device>.json``::
      "median_us": 41.2, "extra_peak_bytes": 123456, "device": "NVIDIA H100 80GB HBM3",
      "torch": "2.11.0", "triton": "3.6.0", "commit": "abc1234", "date": "2026-11-25"}
 
+Optional fields: ``"skipped"`` (why the impl did not run; ``median_us`` is then null),
+``"floor_bytes"`` / ``"floor_us"`` / ``"bandwidth_Bps"`` / ``"bandwidth_source"`` (the HBM
+floor: bytes that must be read once / the device's bandwidth; ``floor_us`` null where the
+bandwidth is unknown or n/a, as on CPU), ``"compile_s"`` (one-off compile time, not timed).
+
 Scripts call ``append(rows, device)``; ``python bench/results.py`` renders every file into
-``bench/RESULTS.md``.
+``bench/RESULTS.md`` (plus ``bench/NOTES.md`` verbatim, if present: hand-written analysis
+that survives re-rendering).
 """
 import datetime
 import json
@@ -20,6 +26,11 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
+SPEEDUP_OF = "fused"
+"""The impl whose speedup over every other impl of a table is rendered."""
+
+KNOWN_BANDWIDTH_BPS = {"H100 80GB HBM3": 3.35e12, "H100 SXM": 3.35e12, "H200": 4.8e12}
+"""Spec HBM bandwidth by a substring of the CUDA device name (H100 SXM, H200)."""
 
 
 def device_name(device: torch.device) -> str:
@@ -42,6 +53,44 @@ def environment(device: torch.device) -> dict:
         commit = "unknown"
     return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
             "commit": commit, "date": datetime.date.today().isoformat()}
+
+
+def hbm_bandwidth(device: torch.device) -> tuple:
+    """(bytes per second or None, where the number comes from) for the memory of ``device``.
+
+    Known GPUs (H100 SXM, H200) get their spec value; other CUDA devices are measured with a
+    1 GiB device-to-device copy (read + write bytes / median time, below the spec peak); the
+    CPU has no HBM floor: (None, "n/a (cpu)").
+    """
+    if device.type != "cuda":
+        return None, f"n/a ({device.type})"
+    name = torch.cuda.get_device_name(device)
+    for key, bandwidth in KNOWN_BANDWIDTH_BPS.items():
+        if key in name:
+            return bandwidth, f"spec ({key})"
+    return _measured_copy_bandwidth(device), "measured (1 GiB device-to-device copy)"
+
+
+def _measured_copy_bandwidth(device: torch.device) -> float:
+    source = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    times = []
+    for _ in range(10):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(source)
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3)
+    return 2 * source.numel() / sorted(times)[len(times) // 2]
+
+
+def floor_fields(floor_bytes: int, bandwidth: tuple) -> dict:
+    """The HBM-floor fields of a row, from the bytes to read and ``hbm_bandwidth(...)``."""
+    bytes_per_s, source = bandwidth
+    floor_us = floor_bytes / bytes_per_s * 1e6 if bytes_per_s else None
+    return {"floor_bytes": floor_bytes, "floor_us": floor_us, "bandwidth_Bps": bytes_per_s,
+            "bandwidth_source": source}
 
 
 def results_path(name: str) -> Path:
@@ -68,31 +117,99 @@ def load_all() -> list:
 
 
 def render(rows: list) -> str:
-    """Markdown: one table per (device, bench, run), one line per shape, one column per impl."""
+    """Markdown: one table per (device, bench, run), one line per shape, one column per impl,
+    then the speedup of ``fused`` over each other impl and an extra-peak-memory table."""
     out = ["# Benchmark results", "",
            "Rendered by `python bench/results.py` from `bench/results/*.json`. Times are "
-           "medians in µs; each table is one run on one machine.", ""]
+           "medians in µs; each table is one run on one machine. `(n× floor)` = the time as a "
+           "multiple of the HBM floor (bytes that must be read once / the device's bandwidth).",
+           ""]
+    if not any(_is_gpu(row["device"]) for row in rows):
+        out += ["**No GPU results yet: the GPU numbers are still to be measured** "
+                "(`python bench/bench_select.py --preset gpu` on a CUDA machine).", ""]
     runs = {}
     for row in rows:
         key = (row["device"], row["bench"], row["torch"], row["triton"], row["commit"], row["date"])
         runs.setdefault(key, []).append(row)
     for (device, bench, torch_v, triton_v, commit, date), group in runs.items():
-        impls = list(dict.fromkeys(r["impl"] for r in group))
-        shapes = list(dict.fromkeys(json.dumps(r["shape"], sort_keys=True) for r in group))
         out += [f"## {bench} on {device}", "",
-                f"torch {torch_v}, triton {triton_v}, commit {commit}, {date}", "",
-                "| shape | " + " | ".join(impls) + " |",
-                "|---|" + "---|" * len(impls)]
-        for shape in shapes:
-            cells = []
-            for impl in impls:
-                match = [r for r in group if r["impl"] == impl
-                         and json.dumps(r["shape"], sort_keys=True) == shape]
-                cells.append(f"{match[-1]['median_us']:.1f}" if match else "")
-            label = ", ".join(f"{k}={v}" for k, v in json.loads(shape).items())
-            out.append(f"| {label} | " + " | ".join(cells) + " |")
-        out.append("")
+                f"torch {torch_v}, triton {triton_v}, commit {commit}, {date}", ""]
+        if not _is_gpu(device):
+            out += ["CPU smoke numbers (a functional check of the harness, not a performance "
+                    "result; no HBM floor on a CPU).", ""]
+        out += render_table(group) + [""]
+    notes = HERE / "NOTES.md"
+    if notes.exists():
+        out += [notes.read_text()]
     return "\n".join(out)
+
+
+def render_table(group: list) -> list:
+    """Markdown lines of one run's rows: times, fused speedups, skip reasons, extra memory."""
+    impls = list(dict.fromkeys(r["impl"] for r in group))
+    shapes = {_shape_key(r): r["shape"] for r in group}
+    latest = {(_shape_key(r), r["impl"]): r for r in group}
+    others = [impl for impl in impls if impl != SPEEDUP_OF] if SPEEDUP_OF in impls else []
+    with_floor = any(r.get("floor_us") for r in group)
+    reasons = []
+    header = ["shape"] + (["HBM floor"] if with_floor else []) + impls
+    header += [f"{SPEEDUP_OF} vs {impl}" for impl in others]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for shape in shapes:
+        rows = {impl: latest.get((shape, impl)) for impl in impls}
+        floor = next((r.get("floor_us") for r in rows.values() if r and r.get("floor_us")), None)
+        cells = [_label(shapes[shape])]
+        cells += [f"{floor:.1f}" if floor else "n/a"] if with_floor else []
+        for row in rows.values():
+            cells.append(_time_cell(row, floor, reasons))
+        fused = rows.get(SPEEDUP_OF)
+        for impl in others:
+            cells.append(_speedup_cell(fused, rows[impl]))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [""] + [f"{i}. skipped: {reason}" for i, reason in enumerate(reasons, 1)]
+    if any(r.get("extra_peak_bytes") is not None for r in group):
+        lines += ["", "Extra peak device memory (MiB, beyond the inputs):", "",
+                  "| shape | " + " | ".join(impls) + " |", "|---" * (len(impls) + 1) + "|"]
+        for shape in shapes:
+            cells = [_mib(latest.get((shape, impl))) for impl in impls]
+            lines.append(f"| {_label(shapes[shape])} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _is_gpu(device: str) -> bool:
+    return not device.startswith("cpu")
+
+
+def _label(shape: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in shape.items())
+
+
+def _shape_key(row: dict) -> str:
+    return json.dumps(row["shape"], sort_keys=True)
+
+
+def _time_cell(row, floor, reasons: list) -> str:
+    if row is None:
+        return ""
+    if row.get("median_us") is None:
+        reason = row.get("skipped", "no time recorded")
+        if reason not in reasons:
+            reasons.append(reason)
+        return f"skipped ({reasons.index(reason) + 1})"
+    cell = f"{row['median_us']:.1f}"
+    return cell + (f" ({row['median_us'] / floor:.0f}× floor)" if floor else "")
+
+
+def _speedup_cell(fused, other) -> str:
+    if not fused or not other or fused.get("median_us") is None or other.get("median_us") is None:
+        return ""
+    return f"{other['median_us'] / fused['median_us']:.2f}×"
+
+
+def _mib(row) -> str:
+    if row is None or row.get("extra_peak_bytes") is None:
+        return "n/a"
+    return f"{row['extra_peak_bytes'] / 2**20:.1f}"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,118 @@
+"""The kernel benchmark harness (bench/): the baselines follow the rule, the benchmark inputs are
+exact, every impl is checked equal to the reference before it is timed, results render.
+
+The pytest-benchmark tests time each impl on a tiny CPU shape (``fused`` only where the triton
+backend exists and, on CPU, TRITON_INTERPRET=1 is set; otherwise skipped with the reason).
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import baselines  # noqa: E402
+import bench_select  # noqa: E402
+import results  # noqa: E402
+from literal import replay  # noqa: E402
+from test_reference import random_case  # noqa: E402
+from zspaprune_ops.reference.naive import select_batched  # noqa: E402
+
+CPU = torch.device("cpu")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TINY = bench_select.Shape(B=2, N=48, D=32, T=8, keep=4, dtype="float16", masks=True)
+LIMITS = bench_select.build_parser().parse_args(["--compile-max-keep", "8"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seed,N,keep,ratio", [(0, 40, 6, 0.5), (1, 97, 20, 0.0),
+                                               (2, 63, 17, 1.0), (3, 150, 33, 0.3)])
+def test_divprune_loop_follows_the_rule(seed, N, keep, ratio, dtype):
+    visual, prompt, prompt_mask, visual_mask = random_case(
+        seed, 3, N, 24, 7, dtype, visual_padding=True, prompt_padding=True, duplicates=True,
+        zeros=True)
+    visual[1, 2] = float("nan")  # unscorable tokens: taken only after every scorable one
+    visual[2, 5] = float("inf")
+    keep = min(keep, int(visual_mask.sum(1).min()))
+    kept = baselines.divprune_loop(visual, prompt, keep, ratio, prompt_mask, visual_mask)
+    assert kept.dtype == torch.int64 and kept.shape == (3, keep)
+    for b in range(3):
+        replay(visual[b], prompt[b], keep, ratio, kept[b], prompt_mask[b], visual_mask[b])
+
+
+@pytest.mark.parametrize("name", sorted(bench_select.PRESETS["cpu-smoke"]))
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
+def test_divprune_loop_equals_reference_on_bench_inputs(name, ratio):
+    shape = bench_select.replace(bench_select.PRESETS["cpu-smoke"][name], ratio=ratio)
+    args = bench_select.make_inputs(shape, CPU, seed=7).args(shape)
+    assert torch.equal(baselines.divprune_loop(*args), select_batched(*args))
+
+
+@pytest.mark.parametrize("D", [16, 80, 256])
+def test_bench_inputs_make_float32_math_exact(D):
+    shape = bench_select.Shape(B=3, N=70, D=D, T=8, keep=10, dtype="bfloat16", masks=True)
+    inputs = bench_select.make_inputs(shape, CPU, seed=D)
+    for b in range(3):
+        real = inputs.visual[b, inputs.visual_mask[b]].float()
+        v32 = real / real.norm(dim=1, keepdim=True)
+        v64 = real.double() / real.double().norm(dim=1, keepdim=True)
+        assert torch.equal((v32 @ v32.T).double(), v64 @ v64.T)  # cosines: exact in any order
+        prompt = inputs.prompt[b, inputs.prompt_mask[b]].float()
+        count = prompt.shape[0]
+        assert count & (count - 1) == 0 and torch.equal(prompt, prompt[:1].expand_as(prompt))
+    assert not inputs.visual_mask.all() and inputs.visual_mask.sum(1).min() >= shape.keep
+    assert not inputs.prompt_mask.all() and inputs.prompt_mask.any(1).all()
+
+
+def test_floor_bytes_count_features_and_masks():
+    shape = bench_select.Shape(B=4, N=576, D=4096, T=64, keep=64, dtype="bfloat16", masks=True)
+    assert bench_select.floor_bytes(shape) == 4 * (576 + 64) * 4096 * 2 + 4 * (576 + 64)
+    fields = results.floor_fields(bench_select.floor_bytes(shape), (3.35e12, "spec"))
+    assert fields["floor_us"] == pytest.approx(4 * 640 * 8193 / 3.35e12 * 1e6)
+    assert results.floor_fields(100, results.hbm_bandwidth(CPU))["floor_us"] is None
+
+
+def test_impls_beyond_their_bounds_are_skipped_with_the_reason():
+    inputs = bench_select.make_inputs(TINY, CPU)
+    small = bench_select.build_parser().parse_args(
+        ["--compile-max-keep", "2", "--divprune-max-bytes", "1000"])
+    for impl, words in [("reference_compiled", "keep > 2"), ("divprune_loop", "N×N scratch")]:
+        fn, reason = bench_select.build(impl, TINY, inputs, small)
+        assert fn is None and words in reason
+
+
+def test_a_wrong_impl_is_reported_and_not_timed(monkeypatch, capsys):
+    monkeypatch.setattr(baselines, "divprune_loop", lambda *args: select_batched(*args) + 1)
+    status = bench_select.main(["--shapes", "B=1,N=40,D=16,T=4,keep=5,dtype=float32",
+                                "--impls", "reference,divprune_loop", "--dry-run"])
+    out = capsys.readouterr()
+    assert status == 1 and "OUTPUT DIFFERS FROM THE REFERENCE" in out.err
+    assert "output differs from the reference: not timed" in out.out
+
+
+def test_render_shows_speedups_floor_multiples_and_skips():
+    env = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11", "triton": "3.6", "commit": "c",
+           "date": "d", "bench": "select", "shape": {"B": 1, "N": 576}, "extra_peak_bytes": None,
+           **results.floor_fields(1_000_000, (1e12, "spec"))}  # floor: 1 µs
+    rows = [{**env, "impl": "fused", "median_us": 10.0, "extra_peak_bytes": 2**20},
+            {**env, "impl": "reference", "median_us": 300.0},
+            {**env, "impl": "divprune_loop", "median_us": None, "skipped": "too big"}]
+    text = results.render(rows)
+    assert "| B=1, N=576 | 1.0 | 10.0 (10× floor) | 300.0 (300× floor) | skipped (1) | 30.00× |  |" \
+        in text
+    assert "1. skipped: too big" in text and "| B=1, N=576 | 1.0 | n/a | n/a |" in text
+    assert "No GPU results yet" not in text
+    cpu = [{**row, "device": "cpu", "floor_us": None} for row in rows]
+    assert "No GPU results yet" in results.render(cpu)
+    json.dumps(rows)  # rows stay plain JSON
+
+
+@pytest.mark.parametrize("impl", bench_select.IMPLS)
+def test_benchmark_select(impl, benchmark):
+    inputs = bench_select.make_inputs(TINY, CPU)
+    fn, reason = bench_select.build(impl, TINY, inputs, LIMITS)
+    if fn is None:
+        pytest.skip(reason)
+    assert torch.equal(fn(), select_batched(*inputs.args(TINY)))  # never time a wrong impl
+    benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
