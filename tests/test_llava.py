@@ -326,3 +326,23 @@ def test_bad_arguments_raise_clear_errors(folders):
     with pytest.raises(ValueError, match="image_sizes"):
         load(folders, "llava_next").prune_inputs(next_inputs["input_ids"],
                                                  next_inputs["pixel_values"])
+
+
+def test_tiny_builders_are_deterministic_and_the_7b_preset_has_llava_15_shapes(folders):
+    from transformers import LlavaForConditionalGeneration
+
+    from zspaprune_ops.tiny_llava import LLAVA_15_7B_SIZES, build_model
+
+    first, again, other = (build_model("llava_next", seed=s).state_dict() for s in (1, 1, 2))
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert not torch.equal(first["model.image_newline"], other["model.image_newline"])
+    saved = LlavaForConditionalGeneration.from_pretrained(folders["llava"]).state_dict()
+    built = build_model("llava", seed=1).state_dict()
+    assert all(torch.equal(saved[name], built[name]) for name in built)
+    big = build_model("llava", device="meta", dtype=torch.bfloat16, **LLAVA_15_7B_SIZES)
+    assert sum(p.numel() for p in big.parameters()) == 7_063_427_072  # llava-hf/llava-1.5-7b-hf
+    assert big.config.image_seq_length == 576 and big.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="kind"):
+        build_model("blip")
+    with pytest.raises(ValueError, match="size"):
+        build_model("llava", hidden=3)

@@ -85,58 +85,49 @@ def build_config(kind: str = "llava", **sizes):
 
 
 def redraw_weights(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Re-draw every parameter in place: matrices N(0, 1/fan_in), vectors kept (norms, biases)
-    except LLaVA-NeXT's image-newline vector, drawn N(0, 1/D). Deterministic for a seed."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if param.dim() >= 2:
-                fan_in = math.prod(param.shape[1:])
-            elif name.endswith("image_newline"):
-                fan_in = param.shape[0]
-            else:
-                continue
-            values = torch.randn(param.shape, generator=generator) / math.sqrt(fan_in)
-            param.copy_(values.to(param.dtype))
-    return model
-
-
-def build_model(kind: str = "llava", seed: int = 0, device=None, dtype=None,
-                attn_implementation: Optional[str] = None, **sizes):
-    """A LLaVA / LLaVA-NeXT model with random weights, built directly on ``device`` / ``dtype``.
-
-    Sizes as in ``build_config``; ``build_model(**LLAVA_15_7B_SIZES)`` is a LLaVA-1.5-7B-shaped
-    model (bf16 on a GPU: about 14 GB). Weights are drawn by ``redraw_weights(seed)`` on the CPU
-    generator for the tiny sizes; for large models they are drawn on ``device`` (fast, still
-    seeded but device dependent).
-    """
-    config = build_config(kind, **sizes)
-    if attn_implementation is not None:
-        config._attn_implementation = attn_implementation
-    cls = LlavaForConditionalGeneration if kind == "llava" else LlavaNextForConditionalGeneration
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    dtype = dtype or torch.float32
-    with torch.device(device):
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            model = cls(config)
-        finally:
-            torch.set_default_dtype(previous)
-    if sum(p.numel() for p in model.parameters()) < 50_000_000:
-        redraw_weights(model, seed)
-    else:
-        _redraw_on_device(model, seed)
-    return model.eval()
-
-
-def _redraw_on_device(model, seed):
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    """Re-draw in place every weight matrix from N(0, 1/fan_in) and LLaVA-NeXT's image-newline
+    vector from N(0, 1/D); other vectors (norms, biases) stay. Deterministic for a seed on a
+    device (drawn on the parameters' device: fast for large models, but CPU and CUDA draws
+    differ)."""
+    device = next(model.parameters()).device
+    if device.type == "meta":
+        return model
+    generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
             if param.dim() >= 2 or name.endswith("image_newline"):
                 fan_in = math.prod(param.shape[1:]) if param.dim() >= 2 else param.shape[0]
                 param.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=generator)
+    return model
+
+
+def build_model(kind: str = "llava", seed: int = 0, device=None, dtype=None,
+                attn_implementation: Optional[str] = None, **sizes):
+    """A LLaVA / LLaVA-NeXT model with random weights, built directly on ``device`` / ``dtype``
+    (default: CPU, float32), in eval mode.
+
+    Sizes as in ``build_config``; ``build_model(**LLAVA_15_7B_SIZES)`` is LLaVA-1.5-7B-shaped
+    (7.06 B parameters: about 14 GB in bfloat16). ``device="meta"`` builds shapes only.
+    The same arguments give the same weights.
+    """
+    config = build_config(kind, **sizes)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    cls = LlavaForConditionalGeneration if kind == "llava" else LlavaNextForConditionalGeneration
+    device = torch.device(device if device is not None else "cpu")
+    previous_dtype = torch.get_default_dtype()
+    forked = []
+    if device.type == "cuda":
+        forked = [device.index if device.index is not None else torch.cuda.current_device()]
+    # a seeded RNG: Hugging Face's own init also draws a few vectors (e.g. CLIP's class embedding)
+    with torch.random.fork_rng(devices=forked), torch.device(device):
+        torch.manual_seed(seed)
+        torch.set_default_dtype(dtype or torch.float32)
+        try:
+            model = cls(config)
+        finally:
+            torch.set_default_dtype(previous_dtype)
+    return redraw_weights(model, seed).eval()
 
 
 def build_tokenizer(vocab_size: int = TINY_SIZES["vocab_size"]):
