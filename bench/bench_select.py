@@ -8,8 +8,8 @@ Implementations: ``fused`` (``backend="triton"``; skipped while that backend doe
 CPU only under ``TRITON_INTERPRET=1`` and at tiny sizes), ``reference`` (eager pure PyTorch),
 ``reference_compiled`` (torch.compile of the reference) and ``divprune_loop`` (N×N matrix plus a
 Python loop; see bench/baselines.py). Each output is checked equal to the reference's before it
-is timed; an impl that differs is reported and not timed (exit status 1). Rows go to
-``bench/results/<device>.json`` through bench/results.py.
+is timed; an impl that differs or fails is reported and not timed (exit status 1). Rows go to
+``bench/results/<device>.json`` through bench/results.py after each shape.
 """
 import argparse
 import os
@@ -101,7 +101,8 @@ def make_inputs(shape: Shape, device, seed: int = 0) -> Inputs:
 
     A real visual token is ±2^s (s in -2..2) on a window of K = 4^k <= D coordinates (zero
     elsewhere): its norm is a power of two and every cosine a multiple of 1/K. Each image's real
-    prompt tokens are one such vector repeated, their count a power of two. Padded tokens
+    prompt tokens are one such vector repeated, their count a power of two when T is one
+    (then their mean is exact however it is computed). Padded tokens
     (``masks``: right-padded visual rows down to about keep, prompt rows down to T/4, odd rows
     left-padded) hold random normal values the rule must ignore.
     """
@@ -237,12 +238,8 @@ def run_shape(shape: Shape, impls, device, limits, bandwidth) -> tuple:
             row["cpu_threads"] = torch.get_num_threads()
         fn, reason = build(impl, shape, inputs, limits)
         if fn is not None:
-            start = time.perf_counter()
-            kept = fn()  # first call: compilation stays out of the timing; checked before timing
-            if impl == "reference_compiled":
-                row["compile_s"] = round(time.perf_counter() - start, 2)
-            if not torch.equal(kept, expected):
-                reason = "output differs from the reference: not timed"
+            reason = _first_call(fn, impl, expected, row)
+            if reason is not None:
                 wrong.append(impl)
         if reason is not None:
             row["skipped"] = reason
@@ -255,6 +252,21 @@ def run_shape(shape: Shape, impls, device, limits, bandwidth) -> tuple:
                 zspaprune_ops.set_value_checks(checks)
         rows.append(row)
     return rows, wrong
+
+
+def _first_call(fn, impl: str, expected: torch.Tensor, row: dict):
+    """Warm up (compile) and check ``fn`` against the reference's picks; None if it is right,
+    else why it is not timed."""
+    start = time.perf_counter()
+    try:
+        kept = fn()
+    except Exception as error:  # noqa: BLE001 (one failing impl must not lose the others' rows)
+        return f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    if impl == "reference_compiled":
+        row["compile_s"] = round(time.perf_counter() - start, 2)
+    if not torch.equal(kept, expected):
+        return "output differs from the reference: not timed"
+    return None
 
 
 def parse_shapes(text: str) -> dict:
@@ -328,14 +340,13 @@ def main(argv=None) -> int:
     for name, shape in shapes.items():
         start = time.perf_counter()
         rows, bad = run_shape(shape, impls, device, args, bandwidth)
-        print(f"{name}: {time.perf_counter() - start:.1f} s", flush=True)
+        saved = "" if args.dry_run else f", rows appended to {results.append(rows, device)}"
+        print(f"{name}: {time.perf_counter() - start:.1f} s{saved}", flush=True)
         all_rows += rows
         wrong += [f"{name}: {impl}" for impl in bad]
     print("\n".join(results.render_table(all_rows)))
-    if not args.dry_run:
-        print(f"appended {len(all_rows)} rows to {results.append(all_rows, device)}")
     if wrong:
-        print("OUTPUT DIFFERS FROM THE REFERENCE: " + "; ".join(wrong), file=sys.stderr)
+        print("WRONG OR FAILED, NOT TIMED: " + "; ".join(wrong), file=sys.stderr)
         return 1
     return 0
 

@@ -82,13 +82,20 @@ def test_impls_beyond_their_bounds_are_skipped_with_the_reason():
         assert fn is None and words in reason
 
 
-def test_a_wrong_impl_is_reported_and_not_timed(monkeypatch, capsys):
-    monkeypatch.setattr(baselines, "divprune_loop", lambda *args: select_batched(*args) + 1)
-    status = bench_select.main(["--shapes", "B=1,N=40,D=16,T=4,keep=5,dtype=float32",
+def _raise(*args):
+    raise RuntimeError("kernel crashed")
+
+
+@pytest.mark.parametrize("broken,reason", [
+    (lambda *args: select_batched(*args).flip(1), "output differs from the reference: not timed"),
+    (_raise, "failed: RuntimeError: kernel crashed")])
+def test_a_wrong_or_failing_impl_is_reported_and_not_timed(broken, reason, monkeypatch, capsys):
+    monkeypatch.setattr(baselines, "divprune_loop", broken)
+    status = bench_select.main(["--shapes", "B=2,N=40,D=16,T=4,keep=5,dtype=float32",
                                 "--impls", "reference,divprune_loop", "--dry-run"])
     out = capsys.readouterr()
-    assert status == 1 and "OUTPUT DIFFERS FROM THE REFERENCE" in out.err
-    assert "output differs from the reference: not timed" in out.out
+    assert status == 1 and "WRONG OR FAILED, NOT TIMED: B=2,N=40" in out.err
+    assert "| skipped (1) |" in out.out and f"1. skipped: {reason}" in out.out
 
 
 def test_render_shows_speedups_floor_multiples_and_skips():
