@@ -27,7 +27,7 @@ from zspaprune_ops.reference.naive import select_batched
 
 IMPLS = ("fused", "reference", "reference_compiled", "divprune_loop")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-INTERPRETER_MAX_WORK = 1 << 22
+INTERPRETER_MAX_WORK = 1 << 18
 """On CPU ``fused`` runs in Triton's interpreter only where B·N·D·keep is at most this."""
 SLOW_CALL_S = 0.2
 """On CUDA, calls slower than this are timed over 3 runs with CUDA events, not do_bench."""
