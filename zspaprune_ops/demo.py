@@ -279,7 +279,9 @@ def add_parser(commands) -> None:
     """Register the ``demo`` subcommand on an argparse subparsers object."""
     demo = commands.add_parser(
         "demo", help="prune a LLaVA model at a few budgets: timings, memory, text, overlay PNG",
-        description=__doc__.split("\n\n")[0] + " Runs offline on a tiny random-weight default "
+        description="Prune a LLaVA model's visual tokens at a few budgets; print tokens kept, "
+                    "prefill time, peak memory and generated text against the unpruned model, "
+                    "and draw the kept patches. Runs offline on a tiny random-weight default "
                     "unless --model is given.")
     demo.add_argument("--model", help="local LLaVA-1.5 / LLaVA-NeXT checkpoint folder "
                                       "(default: the tiny random-weight model, built and cached)")

@@ -15,6 +15,7 @@ PANEL = 336  # panel side in pixels
 TITLE = 22  # title strip height
 GAP = 8  # space between panels
 LEGEND = 26  # legend strip height
+LEGEND_WIDTH = 440  # the figure is at least this wide, so the legend fits
 DIM = 0.35  # brightness kept for dropped patches
 BORDER = 2  # frame width around a kept patch
 
@@ -43,11 +44,6 @@ class TokenGrid:
             return None
         return row, col
 
-    def cell_box(self, row: int, col: int) -> tuple:
-        """Pixel box (left, top, right, bottom) of a cell inside a PANEL x PANEL panel."""
-        return (round(col * PANEL / self.cols), round(row * PANEL / self.rows),
-                round((col + 1) * PANEL / self.cols), round((row + 1) * PANEL / self.rows))
-
 
 @dataclass(frozen=True)
 class Budget:
@@ -58,38 +54,69 @@ class Budget:
     core: Sequence[int]
 
 
-def panel_origin(grid_index: int, budget_index: int) -> tuple:
-    """Top-left pixel of the image area of a panel in the figure."""
-    return (GAP + budget_index * (PANEL + GAP),
-            LEGEND + grid_index * (TITLE + PANEL + GAP) + TITLE)
+@dataclass(frozen=True)
+class Layout:
+    """Where panels go: one row per grid, one column per budget, below a legend strip.
 
+    Every panel shows its grid's box at ``PANEL`` pixels on the longer side.
+    """
 
-def figure_size(n_grids: int, n_budgets: int) -> tuple:
-    return (GAP + n_budgets * (PANEL + GAP), LEGEND + n_grids * (TITLE + PANEL + GAP))
+    box: tuple
+    n_grids: int
+    n_budgets: int
+
+    @property
+    def panel(self) -> tuple:
+        """(width, height) of a panel's image area."""
+        width, height = self.box[2] - self.box[0], self.box[3] - self.box[1]
+        scale = PANEL / max(width, height)
+        return max(1, round(width * scale)), max(1, round(height * scale))
+
+    @property
+    def size(self) -> tuple:
+        width, height = self.panel
+        return (max(LEGEND_WIDTH, GAP + self.n_budgets * (width + GAP)),
+                LEGEND + self.n_grids * (TITLE + height + GAP))
+
+    def origin(self, grid_index: int, budget_index: int) -> tuple:
+        """Top-left pixel of a panel's image area in the figure."""
+        width, height = self.panel
+        return (GAP + budget_index * (width + GAP),
+                LEGEND + grid_index * (TITLE + height + GAP) + TITLE)
+
+    def cell_box(self, grid: TokenGrid, row: int, col: int) -> tuple:
+        """Pixel box (left, top, right, bottom) of a grid cell inside a panel."""
+        width, height = self.panel
+        return (round(col * width / grid.cols), round(row * height / grid.rows),
+                round((col + 1) * width / grid.cols), round((row + 1) * height / grid.rows))
 
 
 def draw_overlay(image: Image.Image, grids: Sequence[TokenGrid],
                  budgets: Sequence[Budget]) -> Image.Image:
-    """The figure: one row of panels per grid, one column per budget (RGB)."""
-    figure = Image.new("RGB", figure_size(len(grids), len(budgets)), (255, 255, 255))
+    """The figure (RGB): one row of panels per grid, one column per budget; every grid must
+    cover the same box of ``image`` (true of LLaVA-1.5's crop and of LLaVA-NeXT's two grids)."""
+    if len({grid.box for grid in grids}) != 1:
+        raise ValueError("all grids must cover the same image box")
+    layout = Layout(grids[0].box, len(grids), len(budgets))
+    figure = Image.new("RGB", layout.size, (255, 255, 255))
     draw = ImageDraw.Draw(figure)
     font = _font()
     _draw_legend(draw, font)
+    view = image.convert("RGB").crop(layout.box).resize(layout.panel, Image.BICUBIC)
+    dimmed = view.point(lambda value: int(value * DIM))
     for g, grid in enumerate(grids):
-        view = image.convert("RGB").crop(grid.box).resize((PANEL, PANEL), Image.BICUBIC)
-        dimmed = view.point(lambda value: int(value * DIM))
         for b, budget in enumerate(budgets):
-            left, top = panel_origin(g, b)
             panel = dimmed.copy()
             cells = _kept_cells(grid, budget)
             for (row, col) in cells:
-                box = grid.cell_box(row, col)
+                box = layout.cell_box(grid, row, col)
                 panel.paste(view.crop(box), box[:2])
             panel_draw = ImageDraw.Draw(panel)
             for (row, col), in_core in cells.items():
-                box = grid.cell_box(row, col)
+                box = layout.cell_box(grid, row, col)
                 panel_draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), width=BORDER,
                                      outline=CORE_COLOUR if in_core else FILL_COLOUR)
+            left, top = layout.origin(g, b)
             figure.paste(panel, (left, top))
             title = f"{budget.label} · {grid.name}" if len(grids) > 1 else budget.label
             draw.text((left, top - TITLE + 3), title, fill=(0, 0, 0), font=font)

@@ -1,0 +1,153 @@
+"""End-to-end benchmark: prefill of a ZSPAPrune-wrapped LLaVA against the unpruned model.
+
+    python bench/bench_e2e.py                          # llava-1.5-7b preset, bf16 on a GPU
+    python bench/bench_e2e.py --preset cpu-small       # scaled-down config on the CPU
+    python bench/bench_e2e.py --preset tiny --no-record
+
+The model is built from a config with random weights (``zspaprune_ops.tiny_llava``): timings
+depend on shapes only. The input is one 336x336 image (576 visual tokens) and ``--text``
+prompt tokens. Prefill = one forward over the whole prompt with ``logits_to_keep=1``, as
+``generate`` runs it: the unpruned model runs vision tower + LLM; the wrapped one vision tower +
+selection + LLM over the shortened sequence. ``selection`` is the op alone on the same features
+and prompt, and ``selection_share`` its share of the wrapped prefill.
+
+Rows (bench ``e2e_prefill``) go to ``bench/results/<device>.json`` through bench/results.py:
+impl ``unpruned`` at keep = 576, ``zspaprune`` and ``selection`` at smaller budgets.
+"""
+import argparse
+
+import torch
+
+import results
+from zspaprune_ops.llava import ZSPAPruneLlava
+from zspaprune_ops.measure import median_seconds, peak_bytes
+from zspaprune_ops.tiny_llava import LLAVA_15_7B_SIZES, SPECIAL_TOKENS, build_model
+
+PRESETS = {
+    "llava-1.5-7b": LLAVA_15_7B_SIZES,
+    "cpu-small": dict(image_size=336, patch_size=14, vision_hidden=256, vision_layers=4,
+                      vision_heads=4, vision_intermediate=1024, text_hidden=512, text_layers=4,
+                      text_heads=8, text_kv_heads=8, intermediate=1408, vocab_size=32064),
+    "tiny": dict(image_size=336, patch_size=14, vision_hidden=32, vision_layers=1,
+                 vision_heads=2, text_hidden=64, text_layers=1, text_heads=2, text_kv_heads=2,
+                 intermediate=128, vocab_size=256),
+}
+"""Model shapes; all keep LLaVA-1.5's 24x24 patch grid (576 visual tokens per image)."""
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def make_inputs(config, text_tokens: int, device: torch.device, dtype: torch.dtype, seed: int):
+    """One sample: ``<s>``, the image placeholders, ``text_tokens`` random text tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    vision = config.vision_config
+    n_visual = (vision.image_size // vision.patch_size) ** 2
+    text = torch.randint(len(SPECIAL_TOKENS), config.text_config.vocab_size, (text_tokens,),
+                         generator=generator)
+    image = torch.full((n_visual,), config.image_token_id)
+    bos = torch.tensor([config.text_config.bos_token_id])
+    input_ids = torch.cat([bos, image, text])[None].to(device)
+    pixel_values = torch.randn(1, 3, vision.image_size, vision.image_size, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "pixel_values": pixel_values.to(device, dtype)}, n_visual
+
+
+def resident_bytes(tensors, device: torch.device) -> int:
+    """Bytes held before a measured call: CUDA's allocated memory, else ``tensors``' bytes."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def measure(fn, resident_tensors, device, repeat) -> dict:
+    """median_us, peak_bytes (None if unmeasured) and extra_peak_bytes: the peak above what was
+    resident before the call (on CPU: ``resident_tensors``, what the call reads)."""
+    seconds = median_seconds(fn, device, repeat)
+    peak = peak_bytes(fn, device)
+    extra = None if peak is None else peak - resident_bytes(resident_tensors, device)
+    return {"median_us": seconds * 1e6, "peak_bytes": peak, "extra_peak_bytes": extra}
+
+
+def selection_call(wrapped: ZSPAPruneLlava, inputs: dict):
+    """(call, its input tensors): the op call the wrapper makes for ``inputs``."""
+    with torch.inference_mode():
+        pruned = wrapped.prune_inputs(inputs["input_ids"], inputs["pixel_values"],
+                                      inputs["attention_mask"])
+        ids = inputs["input_ids"]
+        embeds = wrapped.model.get_input_embeddings()(ids)
+    visual = torch.stack(pruned.image_features)
+    prompt_mask = (ids != wrapped.model.config.image_token_id) & inputs["attention_mask"].bool()
+    return (lambda: torch.ops.zspaprune.select(visual, embeds, wrapped.keep,
+                                               wrapped.relevance_ratio, prompt_mask, None),
+            [visual, embeds, prompt_mask])
+
+
+def run(preset: str, keeps, text_tokens: int, ratio: float, repeat: int,
+        device: torch.device, dtype: torch.dtype, seed: int = 0) -> list:
+    """Benchmark rows: unpruned at keep >= N, wrapped + selection-only below."""
+    model = build_model("llava", seed=seed, device=device, dtype=dtype, **PRESETS[preset])
+    inputs, n_visual = make_inputs(model.config, text_tokens, device, dtype, seed)
+    shape = {"model": preset, "dtype": str(dtype).replace("torch.", ""), "N": n_visual,
+             "T": text_tokens, "ratio": ratio}
+    model_tensors = list(model.parameters()) + list(model.buffers()) + list(inputs.values())
+    rows, unpruned_us = [], None
+    for keep in sorted(set(keeps), reverse=True):
+        case = {**shape, "keep": min(keep, n_visual)}
+        if keep >= n_visual:
+            stats = measure(lambda: model(**inputs, logits_to_keep=1), model_tensors, device,
+                            repeat)
+            unpruned_us = stats["median_us"]
+            rows.append({"bench": "e2e_prefill", "shape": case, "impl": "unpruned", **stats})
+            continue
+        wrapped = ZSPAPruneLlava(model, keep=keep, relevance_ratio=ratio)
+        stats = measure(lambda: wrapped(**inputs, logits_to_keep=1), model_tensors, device,
+                        repeat)
+        selection = measure(*selection_call(wrapped, inputs), device, repeat)
+        stats["selection_share"] = selection["median_us"] / stats["median_us"]
+        if unpruned_us is not None:
+            stats["speedup_vs_unpruned"] = unpruned_us / stats["median_us"]
+        rows.append({"bench": "e2e_prefill", "shape": case, "impl": "zspaprune", **stats})
+        rows.append({"bench": "e2e_prefill", "shape": case, "impl": "selection", **selection})
+    return rows
+
+
+def format_rows(rows) -> str:
+    lines = [f"{'keep':>5} {'impl':>10} {'median ms':>10} {'peak MiB':>9} {'extra MiB':>9} "
+             f"{'sel. share':>10} {'speed-up':>8}"]
+    for row in rows:
+        mib = (lambda b: "n/a" if b is None else f"{b / 2**20:.1f}")
+        share = row.get("selection_share")
+        speed = row.get("speedup_vs_unpruned")
+        lines.append(f"{row['shape']['keep']:>5} {row['impl']:>10} {row['median_us'] / 1e3:>10.2f} "
+                     f"{mib(row['peak_bytes']):>9} {mib(row['extra_peak_bytes']):>9} "
+                     f"{'' if share is None else f'{share:.1%}':>10} "
+                     f"{'' if speed is None else f'{speed:.2f}x':>8}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="model shapes (llava-1.5-7b on cuda, cpu-small on cpu)")
+    parser.add_argument("--keep", type=int, nargs="+", default=[576, 192, 128, 64],
+                        help="budgets; >= 576 means unpruned (576 192 128 64)")
+    parser.add_argument("--text", type=int, default=40, help="text tokens in the prompt (40)")
+    parser.add_argument("--ratio", type=float, default=0.5, help="relevance ratio (0.5)")
+    parser.add_argument("--repeat", type=int, default=10, help="timed runs per case (10)")
+    parser.add_argument("--device", help="torch device (cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
+                        help="bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--no-record", action="store_true", help="print only, write no rows")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    preset = args.preset or ("llava-1.5-7b" if device.type == "cuda" else "cpu-small")
+    rows = run(preset, args.keep, args.text, args.ratio, args.repeat, device, dtype)
+    print(f"e2e prefill, {preset}, {dtype}, {results.device_name(device)}")
+    print(format_rows(rows))
+    if not args.no_record:
+        print(f"recorded in {results.append(rows, device)}; render with python bench/results.py")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

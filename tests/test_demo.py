@@ -1,0 +1,171 @@
+"""`zspaprune demo` end to end on the tiny default and a tiny LLaVA-NeXT, and the e2e benchmark.
+
+The demo's kept tokens and relevance core are checked against the pure-PyTorch reference on
+the model's own features, and the PNG pixel by pixel: every kept patch framed in its colour,
+no other patch framed.
+"""
+import importlib
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from PIL import Image  # noqa: E402
+from transformers import AutoProcessor  # noqa: E402
+
+from zspaprune_ops import demo  # noqa: E402
+from zspaprune_ops.cli import build_parser  # noqa: E402
+from zspaprune_ops.llava import ZSPAPruneLlava  # noqa: E402
+from zspaprune_ops.overlay import CORE_COLOUR, FILL_COLOUR, Layout  # noqa: E402
+from zspaprune_ops.reference import naive  # noqa: E402
+from zspaprune_ops.rule import core_size  # noqa: E402
+from zspaprune_ops.tiny_llava import build_tiny_llava  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+ROW = re.compile(r"^\s*(all|\d+)\s+(\d+)\s+(-|\d+)\s+(-|\d+)\s+([\d.]+)\s+([\d.]+)x\s")
+
+
+def run_demo(*argv):
+    args = build_parser().parse_args(["demo", "--repeat", "1", "--max-new-tokens", "2", *argv])
+    return args.run(args)
+
+
+def model_inputs(model, processor, image, prompt=demo.DEFAULT_PROMPT):
+    return processor(images=image, text=demo.prompt_text(processor, prompt), return_tensors="pt")
+
+
+def reference_selection(model, inputs, keep, ratio):
+    """The reference rule on the wrapper's own candidates: (kept, core) of the first image."""
+    wrapped = ZSPAPruneLlava(model, keep=keep, relevance_ratio=ratio)
+    with torch.no_grad():
+        features = wrapped.prune_inputs(**{k: v for k, v in inputs.items()}).image_features[0]
+        embeds = model.get_input_embeddings()(inputs["input_ids"])[0]
+    prompt_mask = inputs["input_ids"][0] != model.config.image_token_id
+    candidates = wrapped._candidates(features)
+    kept = naive.select(features, embeds, keep, ratio, prompt_mask=prompt_mask,
+                        visual_mask=candidates)
+    n_core = core_size(keep, ratio)
+    core = naive.select(features, embeds, n_core, 1.0, prompt_mask=prompt_mask,
+                        visual_mask=candidates)
+    return kept.tolist(), core.tolist()
+
+
+def framed_cells(png, layout, grid, grid_index, budget_index):
+    """{(row, col): colour} of the cells whose top-left pixel is a frame colour."""
+    left, top = layout.origin(grid_index, budget_index)
+    cells = {}
+    for row in range(grid.rows):
+        for col in range(grid.cols):
+            x, y = layout.cell_box(grid, row, col)[:2]
+            pixel = png.getpixel((left + x, top + y))
+            if pixel in (CORE_COLOUR, FILL_COLOUR):
+                cells[(row, col)] = pixel
+    return cells
+
+
+def expected_cells(grid, kept, core):
+    cells = {}
+    for token in kept:
+        if grid.cell(token) is not None:
+            cells[grid.cell(token)] = CORE_COLOUR if token in core else FILL_COLOUR
+    return cells
+
+
+def check_png(result, model, processor, image):
+    grids, _ = demo.token_grids(model.config, processor.image_processor, image.size,
+                                result.image_tokens)
+    png = Image.open(result.png).convert("RGB")
+    pruned = result.rows[1:]
+    layout = Layout(grids[0].box, len(grids), len(pruned))
+    assert png.size == layout.size
+    for g, grid in enumerate(grids):
+        for b, row in enumerate(pruned):
+            assert framed_cells(png, layout, grid, g, b) == expected_cells(grid, row.kept, row.core)
+    return grids
+
+
+def test_demo_default_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ZSPAPRUNE_CACHE", str(tmp_path / "cache"))
+    result = run_demo("--out", str(tmp_path / "out" / "demo.png"))
+    out = capsys.readouterr().out
+    assert "TINY RANDOM-WEIGHT" in out and "include the selection" in out
+
+    # The table: unpruned first, then 576/3, 576*2/9, 576/9; each budget shortens the sequence
+    # by exactly the pruned tokens and splits into core + fill by the rule.
+    rows = [ROW.match(line).groups() for line in out.splitlines() if ROW.match(line)]
+    assert [r[0] for r in rows] == ["all", "192", "128", "64"]
+    full_length = int(rows[0][1])
+    for keep, length, core, fill, ms, speedup in rows[1:]:
+        keep = int(keep)
+        assert int(length) == full_length - 576 + keep
+        assert (int(core), int(fill)) == (core_size(keep, 0.5), keep - core_size(keep, 0.5))
+        assert float(ms) > 0 and float(speedup) > 0
+
+    # The kept tokens and the core are the reference rule's, on the model's own features.
+    model, processor, is_tiny = demo.load(None, torch.device("cpu"), torch.float32)
+    assert is_tiny and result.image_tokens == 576
+    image = Image.open(demo.SAMPLE_IMAGE).convert("RGB")
+    inputs = model_inputs(model, processor, image)
+    for row in result.rows[1:]:
+        assert (row.kept, row.core) == reference_selection(model, inputs, row.keep, 0.5)
+    check_png(result, model, processor, image)
+
+
+def test_default_model_cache_is_reused_and_rebuilt_when_corrupt(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZSPAPRUNE_CACHE", str(tmp_path))
+    folder = demo.tiny_default_dir()
+    stamp = (folder / "complete").stat().st_mtime_ns
+    assert demo.tiny_default_dir() == folder
+    assert (folder / "complete").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    (folder / "config.json").write_text("{ truncated")
+    model, _, is_tiny = demo.load(None, torch.device("cpu"), torch.float32)
+    assert is_tiny and model.config.image_seq_length == 576
+    assert (folder / "config.json").read_text().startswith("{\n")
+
+
+def test_demo_llava_next_draws_base_and_high_res_grids(tmp_path, capsys):
+    folder = build_tiny_llava(tmp_path / "next", kind="llava_next")
+    wide = Image.open(demo.SAMPLE_IMAGE).crop((0, 60, 336, 276))
+    wide.save(tmp_path / "wide.png")
+    result = run_demo("--model", str(folder), "--image", str(tmp_path / "wide.png"), "--keep",
+                      "10", "5", "--ratio", "0.6", "--out", str(tmp_path / "next.png"))
+    out = capsys.readouterr().out
+    assert "TINY RANDOM-WEIGHT" not in out and "image-newline tokens" in out
+    model = ZSPAPruneLlava.from_pretrained(str(folder)).model
+    processor = AutoProcessor.from_pretrained(str(folder))
+    inputs = model_inputs(model, processor, wide)
+    for row in result.rows[1:]:
+        assert row.sequence_length == result.rows[0].sequence_length - result.image_tokens + row.keep
+        assert (row.kept, row.core) == reference_selection(model, inputs, row.keep, 0.6)
+    grids = check_png(result, model, processor, wide)
+    assert [g.name for g in grids] == ["base grid", "high-res grid"]
+    base, high = grids
+    assert base.rows * base.cols + high.rows * (high.cols + 1) == result.image_tokens
+
+
+@pytest.mark.parametrize("argv, message", [(["--keep", "0"], "--keep"),
+                                           (["--ratio", "1.5"], "--ratio"),
+                                           (["--image", "/no/such.png"], "--image")])
+def test_demo_rejects_bad_arguments(argv, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        run_demo(*argv)
+
+
+def test_bench_e2e_tiny_preset_records_rows(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCH))
+    results = importlib.import_module("results")
+    bench = importlib.import_module("bench_e2e")
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    rows = bench.main(["--preset", "tiny", "--keep", "576", "64", "--text", "8", "--repeat", "1"])
+    assert [(r["impl"], r["shape"]["keep"]) for r in rows] == [
+        ("unpruned", 576), ("zspaprune", 64), ("selection", 64)]
+    for row in rows:
+        assert row["bench"] == "e2e_prefill" and row["median_us"] > 0
+    assert 0 < rows[1]["selection_share"] and rows[1]["speedup_vs_unpruned"] > 0
+    recorded = list(tmp_path.glob("*.json"))
+    assert len(recorded) == 1 and "e2e_prefill" in recorded[0].read_text()
+    assert "recorded in" in capsys.readouterr().out
+    sys.modules.pop("bench_e2e", None)
