@@ -171,8 +171,8 @@ def test_pruned_sequence_holds_exactly_the_kept_projector_outputs(folders, kind,
                                                              (3, 0.0, False)])
 def test_selection_equals_the_reference_on_the_same_features(folders, kind, keep, ratio,
                                                              prompt_only_question):
-    prompts = PROMPTS[:2] if kind == "llava_next" else PROMPTS
-    sizes = [(32, 32), (30, 60), (64, 40), (45, 45)][:len(prompts) + (kind == "llava")]
+    prompts = PROMPTS  # the last sample holds two images
+    sizes = [(32, 32), (30, 60), (64, 40), (45, 45)]
     inputs = batch(folders, kind, prompts, sizes, seed=keep)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     wrapped = load(folders, kind, keep=keep, ratio=ratio)
@@ -238,7 +238,11 @@ def test_next_newlines_are_never_candidates_and_small_images_stay_whole(folders)
     model = load(folders, "llava_next").model
     features = image_features(model, inputs)
     newlines = [newline_flags(model, f) for f in features]
-    assert all(flags.any() for flags in newlines)  # AnyRes rows end in image newlines
+    base = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    for flags in newlines:  # the base tile, then AnyRes grid rows that each end in a newline
+        width = int(flags[base:].nonzero()[0]) + 1
+        grid = flags[base:].view(-1, width)
+        assert not flags[:base].any() and grid[:, -1].all() and not grid[:, :-1].any()
     small, large = sorted(f.shape[0] for f in features)
     # keep between the two counts: the small image stays whole (newlines included); the large
     # one keeps `keep` of its content tokens and none of its newlines

@@ -224,34 +224,34 @@ class ZSPAPruneLlava(torch.nn.Module):
             out = self.model.get_image_features(pixel_values=pixel_values, **options)
         return list(out.pooler_output)
 
-    def _candidates(self, feature: torch.Tensor) -> torch.Tensor:
-        """bool [N]: the tokens selection may choose (all but LLaVA-NeXT's image newlines)."""
+    def _newlines(self, feature: torch.Tensor) -> Optional[torch.Tensor]:
+        """bool [N]: LLaVA-NeXT's image-newline tokens in an image's features (None for LLaVA)."""
         newline = getattr(self.model.model, "image_newline", None) if self.is_next else None
         if newline is None:
-            return torch.ones(feature.shape[0], dtype=torch.bool, device=feature.device)
-        return ~(feature == newline.to(feature)).all(dim=-1)
+            return None
+        return (feature == newline.to(feature)).all(dim=-1)
 
     def _choose(self, features, embeds, prompt_mask, image_sample) -> List[torch.Tensor]:
-        """Kept positions per image (int64, ascending): whole images, then one op call."""
+        """Kept positions per image (int64, ascending): whole images, then one op call for the
+        images to prune (padded with ``visual_mask`` when their candidate counts differ)."""
         kept: List[Optional[torch.Tensor]] = []
-        pruned = []  # (image, candidate mask) of images the op prunes
+        to_prune, candidate_masks = [], []
         for image, feature in enumerate(features):
-            if feature.shape[0] <= self.keep:
-                kept.append(torch.arange(feature.shape[0], device=feature.device))
-                continue
-            candidates = self._candidates(feature)
-            if int(candidates.sum()) <= self.keep:
-                kept.append(candidates.nonzero().squeeze(1))
+            n = feature.shape[0]
+            newlines = self._newlines(feature) if n > self.keep else None
+            if n <= self.keep:
+                kept.append(torch.arange(n, device=feature.device))
+            elif newlines is not None and n - int(newlines.sum()) <= self.keep:
+                kept.append((~newlines).nonzero().squeeze(1))
             else:
                 kept.append(None)
-                pruned.append((image, candidates))
-        if pruned:
-            images = [image for image, _ in pruned]
-            visual, visual_mask = _pad_rows([features[i] for i in images],
-                                            [mask for _, mask in pruned])
-            samples = image_sample[images]
+                to_prune.append(image)
+                candidate_masks.append(None if newlines is None else ~newlines)
+        if to_prune:
+            visual, visual_mask = _pad_rows([features[i] for i in to_prune], candidate_masks)
+            samples = image_sample[to_prune]
             picks = self._select(visual, embeds[samples], prompt_mask[samples], visual_mask)
-            for image, row in zip(images, picks):
+            for image, row in zip(to_prune, picks):
                 kept[image] = row
         return kept
 
@@ -305,15 +305,16 @@ def _flags(indices: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _pad_rows(rows, masks):
-    """Stack [N_i, D] rows into [M, N_max, D] zeros-padded; mask [M, N_max] (None if all real)."""
-    if all(r.shape[0] == rows[0].shape[0] for r in rows) and all(bool(m.all()) for m in masks):
+    """Stack [N_i, D] rows into zero-padded [M, N_max, D] and a candidate mask [M, N_max]
+    (None when every row has the same length and no mask: plain LLaVA)."""
+    if all(r.shape[0] == rows[0].shape[0] for r in rows) and all(m is None for m in masks):
         return torch.stack(rows), None
     n_max = max(r.shape[0] for r in rows)
     visual = rows[0].new_zeros(len(rows), n_max, rows[0].shape[1])
     mask = torch.zeros(len(rows), n_max, dtype=torch.bool, device=rows[0].device)
     for i, (row, real) in enumerate(zip(rows, masks)):
         visual[i, :row.shape[0]] = row
-        mask[i, :row.shape[0]] = real
+        mask[i, :row.shape[0]] = True if real is None else real
     return visual, mask
 
 
