@@ -350,3 +350,17 @@ def test_tiny_builders_are_deterministic_and_the_7b_preset_has_llava_15_shapes(f
         build_model("blip")
     with pytest.raises(ValueError, match="size"):
         build_model("llava", hidden=3)
+
+
+def test_text_only_inputs_pass_through(folders):
+    proc = processor(folders, "llava")
+    inputs = dict(proc.tokenizer(["USER: Describe a cat. ASSISTANT:", "Hi"], return_tensors="pt",
+                                 padding=True))
+    wrapped = load(folders, "llava", keep=3)
+    new = wrapped.generate(**inputs, max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        full = wrapped.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        logits = wrapped(**inputs).logits
+        reference = wrapped.model(**inputs).logits
+    assert torch.equal(new, full[:, inputs["input_ids"].shape[1]:])
+    assert torch.equal(logits, reference)

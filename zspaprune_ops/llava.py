@@ -144,12 +144,8 @@ class ZSPAPruneLlava(torch.nn.Module):
         image_sample = _image_samples(placeholders, features)
         prompt_mask = prompt_mask & attention_mask.bool() & ~placeholders
         kept = self._choose(features, embeds, prompt_mask, image_sample)
-        keep_flags = torch.zeros_like(placeholders)
-        keep_flags[placeholders] = torch.cat([_flags(k, f.shape[0]) for k, f in
-                                              zip(kept, features)])
-        keep_flags = attention_mask.bool() & (~placeholders | keep_flags)
-        full = embeds.masked_scatter(placeholders[..., None], torch.cat(features))
-        inputs_embeds, mask = _compact(full, keep_flags, padding_side)
+        inputs_embeds, mask = _shortened_sequence(embeds, placeholders, attention_mask, features,
+                                                  kept, padding_side)
         kept_indices = torch.full((len(features), self.keep), -1, dtype=torch.int64,
                                   device=embeds.device)
         for row, indices in enumerate(kept):
@@ -194,7 +190,7 @@ class ZSPAPruneLlava(torch.nn.Module):
     def _check_text(self, input_ids, pixel_values, attention_mask, prompt_mask, image_sizes):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 \
                 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError("input_ids must be an int64 tensor [B, L], got "
+            raise ValueError("input_ids must be an integer tensor [B, L], got "
                              f"{_describe(input_ids)}")
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor, got {_describe(pixel_values)}")
@@ -298,10 +294,18 @@ def _image_samples(placeholders: torch.Tensor, features) -> torch.Tensor:
     return torch.tensor(samples, dtype=torch.int64, device=placeholders.device)
 
 
-def _flags(indices: torch.Tensor, n: int) -> torch.Tensor:
-    flags = torch.zeros(n, dtype=torch.bool, device=indices.device)
-    flags[indices] = True
-    return flags
+def _shortened_sequence(embeds, placeholders, attention_mask, features, kept, padding_side):
+    """The real text tokens and the kept visual tokens of each row, in order: embeds, mask."""
+    kept_flags = []
+    for indices, feature in zip(kept, features):
+        flags = torch.zeros(feature.shape[0], dtype=torch.bool, device=feature.device)
+        flags[indices] = True
+        kept_flags.append(flags)
+    keep = torch.zeros_like(placeholders)
+    keep[placeholders] = torch.cat(kept_flags)  # row-major order = the images' batch order
+    keep = attention_mask.bool() & (~placeholders | keep)
+    full = embeds.masked_scatter(placeholders[..., None], torch.cat(features))
+    return _compact(full, keep, padding_side)
 
 
 def _pad_rows(rows, masks):
