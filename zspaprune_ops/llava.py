@@ -91,7 +91,8 @@ class ZSPAPruneLlava(torch.nn.Module):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         if isinstance(relevance_ratio, bool) or not isinstance(relevance_ratio, Real):
-            raise TypeError(f"relevance_ratio must be a float, got {type(relevance_ratio).__name__}")
+            raise TypeError("relevance_ratio must be a float, got "
+                            f"{type(relevance_ratio).__name__}")
         if not 0.0 <= relevance_ratio <= 1.0:
             raise ValueError(f"relevance_ratio must be in [0, 1], got {relevance_ratio}")
         if backend not in BACKENDS:
