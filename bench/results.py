@@ -135,8 +135,10 @@ def render(rows: list) -> str:
         out += [f"## {bench} on {device}", "",
                 f"torch {torch_v}, triton {triton_v}, commit {commit}, {date}", ""]
         if not _is_gpu(device):
-            out += ["CPU smoke numbers (a functional check of the harness, not a performance "
-                    "result; no HBM floor on a CPU).", ""]
+            threads = sorted({r["cpu_threads"] for r in group if r.get("cpu_threads")})
+            on = f" with {'/'.join(map(str, threads))} torch thread(s)" if threads else ""
+            out += [f"CPU smoke numbers{on} (a functional check of the harness, not a "
+                    "performance result; no HBM floor on a CPU).", ""]
         out += render_table(group) + [""]
     notes = HERE / "NOTES.md"
     if notes.exists():
