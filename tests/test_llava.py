@@ -5,6 +5,7 @@ import torch
 
 pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
 import zspaprune_ops.reference  # noqa: E402
@@ -68,6 +69,19 @@ def newline_flags(model, feature):
     if newline is None:
         return torch.zeros(feature.shape[0], dtype=torch.bool)
     return (feature == newline.to(feature)).all(dim=-1)
+
+
+class OpCalls(TorchDispatchMode):
+    """Records the ``zspaprune`` ops dispatched inside the ``with`` block."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "zspaprune" in str(func):
+            self.calls.append(args[0].shape)
+        return func(*args, **(kwargs or {}))
 
 
 def images_per_sample(inputs, features, image_id):
@@ -181,10 +195,12 @@ def test_selection_equals_the_reference_on_the_same_features(folders, kind, keep
     if prompt_only_question:  # the prompt vector from the tokens after the last image only
         after_image = torch.cumsum((ids == image_id).flip(1).long(), dim=1).flip(1) == 0
         prompt_mask = after_image & mask.bool()
-    with torch.no_grad():
+    with torch.no_grad(), OpCalls() as ops:
         kept = wrapped.prune_inputs(**inputs, prompt_mask=prompt_mask).kept_indices
+    with torch.no_grad():
         embeds = wrapped.model.get_input_embeddings()(ids)
     features = image_features(wrapped.model, inputs)
+    assert len(ops.calls) == 1 and ops.calls[0][0] == len(features)  # one op call, all images
     samples = [b for b, mine in enumerate(images_per_sample(inputs, features, image_id))
                for _ in mine]
     for image, (feature, sample) in enumerate(zip(features, samples)):
@@ -258,11 +274,12 @@ def test_next_newlines_are_never_candidates_and_small_images_stay_whole(folders)
                 assert row.numel() == min(keep, int((~newlines[image]).sum()))
 
 
-def test_eager_and_sdpa_attention_give_the_same_results(folders):
-    inputs = batch(folders, "llava", PROMPTS[:2], [(32, 32), (40, 24)], seed=9)
+@pytest.mark.parametrize("kind", KINDS)
+def test_eager_and_sdpa_attention_give_the_same_results(folders, kind):
+    inputs = batch(folders, kind, PROMPTS[:2], [(32, 32), (40, 24)], seed=9)
     results = []
     for attn in ("eager", "sdpa"):
-        wrapped = load(folders, "llava", attn=attn, keep=5)
+        wrapped = load(folders, kind, attn=attn, keep=5)
         assert wrapped.model.config._attn_implementation == attn
         with torch.no_grad():
             pruned = wrapped.prune_inputs(**inputs)
