@@ -11,7 +11,7 @@ from zspaprune_ops.reference.naive import (_fill_choice, _has_prompt, _mean_prom
                                             select_batched)
 from zspaprune_ops.rule import DEMOTED, PADDING, core_size
 
-COMPILE_MAX_KEEP = {"cuda": 128, "cpu": 8}
+COMPILE_MAX_KEEP = {"cuda": 64, "cpu": 8}
 """Default largest ``keep`` for ``reference_compiled`` by device type: dynamo unrolls the
 reference's Python loop over the keep steps, so compile time grows with keep (on this project's
 2-core CPU: 6 s at keep=4, 8 s at keep=8, 53 s at keep=64, cold cache)."""

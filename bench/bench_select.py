@@ -12,6 +12,7 @@ is timed; an impl that differs or fails is reported and not timed (exit status 1
 ``bench/results/<device>.json`` through bench/results.py after each shape.
 """
 import argparse
+import fnmatch
 import os
 import sys
 import time
@@ -270,8 +271,9 @@ def _first_call(fn, impl: str, expected: torch.Tensor, row: dict):
 
 
 def parse_shapes(text: str) -> dict:
-    """Names of preset shapes and ad-hoc specs ``B=2,N=300,D=64,keep=30`` (unset fields from
-    llava7b-k64), comma-separated; returns {name: Shape}."""
+    """Names (or glob patterns: ``llava*``) of preset shapes and ad-hoc specs
+    ``B=2,N=300,D=64,keep=30`` (unset fields from llava7b-k64), comma-separated; returns
+    {name: Shape}."""
     shapes, spec = {}, {}
     for token in filter(None, text.split(",")):
         if "=" in token:
@@ -283,9 +285,10 @@ def parse_shapes(text: str) -> dict:
         if spec:
             shapes[_spec_name(spec)] = _spec_shape(spec)
             spec = {}
-        if token not in ALL_SHAPES:
+        names = fnmatch.filter(ALL_SHAPES, token)
+        if not names:
             raise ValueError(f"--shapes: unknown shape {token!r}; choose from {sorted(ALL_SHAPES)}")
-        shapes[token] = ALL_SHAPES[token]
+        shapes.update((name, ALL_SHAPES[name]) for name in names)
     if spec:
         shapes[_spec_name(spec)] = _spec_shape(spec)
     return shapes
@@ -307,12 +310,13 @@ def _spec_shape(spec: dict) -> Shape:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named set of shapes")
-    parser.add_argument("--shapes", help="comma-separated shape names and/or field=value specs")
+    parser.add_argument("--shapes", help="comma-separated shape names, globs (llava*) and/or "
+                                         "field=value specs")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated ({','.join(IMPLS)})")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeat", type=int, default=5, help="timed calls per impl on CPU (5)")
     parser.add_argument("--compile-max-keep", type=int,
-                        help="skip reference_compiled above this keep (CUDA 128, CPU 8)")
+                        help="skip reference_compiled above this keep (CUDA 64, CPU 8)")
     parser.add_argument("--divprune-max-bytes", type=int, default=baselines.DIVPRUNE_MAX_BYTES,
                         help="skip divprune_loop where its N×N scratch exceeds this (4 GiB)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (torch's default)")
@@ -336,6 +340,9 @@ def main(argv=None) -> int:
     if args.compile_max_keep is None:
         args.compile_max_keep = baselines.COMPILE_MAX_KEEP.get(device.type, 8)
     bandwidth = results.hbm_bandwidth(device)
+    floor = f"{bandwidth[0]:.3g} B/s, {bandwidth[1]}" if bandwidth[0] else bandwidth[1]
+    print(f"{results.device_name(device)} (HBM floor bandwidth: {floor}); {len(shapes)} shape(s); "
+          f"impls {','.join(impls)}", flush=True)
     all_rows, wrong = [], []
     for name, shape in shapes.items():
         start = time.perf_counter()
