@@ -123,3 +123,14 @@ def test_benchmark_select(impl, benchmark):
         pytest.skip(reason)
     assert torch.equal(fn(), select_batched(*inputs.args(TINY)))  # never time a wrong impl
     benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
+
+
+def test_shapes_by_name_glob_and_spec():
+    shapes = bench_select.parse_shapes("llava7b-k64-b*,B=3,N=30,masks=1,dtype=float16")
+    assert list(shapes)[:2] == ["llava7b-k64-b8-masks", "llava7b-k64-b32"]
+    spec = shapes["B=3,N=30,masks=1,dtype=float16"]
+    assert (spec.B, spec.N, spec.D, spec.keep, spec.masks, spec.dtype) == (3, 30, 4096, 64, True,
+                                                                          "float16")
+    for bad in ["nosuch", "B=1,Q=2", "dtype=int8"]:
+        with pytest.raises(ValueError, match="--shapes"):
+            bench_select.parse_shapes(bad)
