@@ -3,17 +3,27 @@ from typing import Callable
 
 import torch
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "triton", "reference")
 
 
 def implementation(backend: str, device: torch.device) -> Callable:
     """The batched selection function for ``backend`` on ``device``.
 
-    ``auto``: the reference on every device for now (the fused kernels take over CUDA when
-    they land). ``reference``: the pure-PyTorch reference. Every function returned takes
+    ``auto``: the fused Triton kernels on CUDA, the pure-PyTorch reference elsewhere.
+    ``triton``: the kernels on any device; on CPU they run under Triton's interpreter, which
+    needs ``TRITON_INTERPRET=1`` set before ``triton`` is first imported (RuntimeError
+    otherwise). ``reference``: the pure-PyTorch reference. Every function returned takes
     checked, batched inputs ``(visual, prompt, keep, relevance_ratio, prompt_mask, visual_mask)``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    if backend == "triton" or (backend == "auto" and device.type == "cuda"):
+        from zspaprune_ops import kernels
+        if device.type != "cuda" and not kernels.interpreted():
+            raise RuntimeError(
+                f"backend='triton' on {device.type} runs the kernels under Triton's interpreter: "
+                "set TRITON_INTERPRET=1 before triton is first imported, or use a CUDA device")
+        return kernels.select_batched
     from zspaprune_ops.reference.naive import select_batched
     return select_batched

@@ -20,8 +20,10 @@ def select(visual: torch.Tensor, prompt: torch.Tensor, keep: int, relevance_rati
             0.5 is this project's choice; the paper does not publish its value.
         prompt_mask: bool [B, T] or [T], True = real prompt token. Default: all real.
         visual_mask: bool [B, N] or [N], True = real visual token. Default: all real.
-        backend: ``"auto"`` runs ``torch.ops.zspaprune.select``; ``"reference"`` forces the
-            pure-PyTorch reference.
+        backend: ``"auto"`` runs ``torch.ops.zspaprune.select`` (the fused Triton kernels on
+            CUDA, the reference elsewhere); ``"triton"`` forces the kernels (on CPU only under
+            Triton's interpreter, ``TRITON_INTERPRET=1`` set before triton is imported, else
+            RuntimeError); ``"reference"`` forces the pure-PyTorch reference.
     Returns:
         int64 [B, keep] (or [keep] for unbatched inputs) on the input device.
     """

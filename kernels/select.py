@@ -1,0 +1,387 @@
+"""Fused Triton kernels of ZSPAPrune's selection: two launches per call, for the whole batch.
+
+Launch 1, ``_prepare_kernel``, grid (row tiles, 1 + column groups, B), fully parallel:
+  * job 0 of each row tile: float32 inverse norms, the scorable flag, the relevance key
+    (cosine to the mean real prompt token, with the rule's sentinels), the initial fill key
+    and, in tile 0, the row's core size (0 when the row has no real prompt token);
+  * the other jobs: raw Gram tiles ``V V^T`` on tensor cores (float32 accumulation; float32
+    inputs use exact ``ieee`` products, never tf32) stored to an [B, N, N] scratch when
+    ``STORE_GRAM``, and/or each token's largest cosine to another real token, per column
+    group, when the DivPrune first pick is needed (``NEED_NEAREST``).
+Launch 2, one program per image: core top-k by repeated argmax of the relevance key, then the
+farthest-point fill; each step reads one Gram row (``_select_gram_kernel``, keys in registers)
+or computes the chosen token's cosines on the fly from the features
+(``_select_stream_kernel``, keys in an O(B·N) scratch). The chosen tokens end with fill key
+-inf; a prefix sum writes their indices in ascending order, so no sort is launched.
+"""
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from zspaprune_ops.rule import DEMOTED, NORM_EPS, PADDING, core_size
+
+_DEMOTED = tl.constexpr(DEMOTED)
+_PADDING = tl.constexpr(PADDING)
+_EPS = tl.constexpr(NORM_EPS)
+
+TILE = 64
+"""Rows and columns of a launch-1 tile (a 64x64 float32 accumulator)."""
+PREPARE_WARPS = 8
+"""Warps of launch 1: with 4, the 64x64 tiles spill (see ``python -m zspaprune_ops.kernels.aot``)."""
+
+
+def tile_k(dtype: torch.dtype) -> int:
+    """Feature chunk of launch 1: float32 products are not on tensor cores, so a smaller chunk
+    keeps their tiles in registers."""
+    return 32 if dtype == torch.float32 else 64
+
+PROMPT_ROWS = 32
+"""Prompt tokens summed per chunk by the row-statistics job."""
+GRAM_MAX_N = 4096
+"""Largest N that uses the Gram scratch (its launch 2 keeps the keys in registers)."""
+GRAM_MAX_BYTES = 1 << 30
+"""Bound on the [B, N, N] float32 Gram scratch; larger batches stream the features."""
+NEAREST_GROUP_COLS = 2048
+"""Streaming mode: columns one launch-1 program scans for the DivPrune nearest neighbour."""
+REGISTER_BLOCKS = ((256, 4), (1024, 4), (4096, 8))
+"""(block, num_warps) buckets of the Gram-mode launch 2: the block holds all N keys."""
+STREAM_BLOCK_N, STREAM_BLOCK_D, STREAM_WARPS = 64, 64, 4
+"""Streaming-mode launch 2 tile: tokens x features per on-the-fly dot product chunk."""
+
+
+@triton.jit
+def _row_stats(visual_ptr, prompt_ptr, pmask_ptr, vmask_ptr, inv_ptr, rel_ptr, fill_ptr,
+               ncore_ptr, b, tile_m, N, D, T, n_core,
+               s_vb, s_vn, s_pb, s_pt, s_pmb, s_pmt, s_vmb, s_vmn,
+               HAS_PMASK: tl.constexpr, HAS_VMASK: tl.constexpr,
+               BM: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr):
+    rows = tile_m * BM + tl.arange(0, BM)
+    in_rows = rows < N
+    row_ptr = visual_ptr + b * s_vb + rows[:, None] * s_vn
+    squares = tl.zeros([BM], tl.float32)
+    dots = tl.zeros([BM], tl.float32)  # v_i . (sum of the real prompt tokens)
+    prompt_squares = tl.zeros([BK], tl.float32)
+    for k0 in range(0, D, BK):
+        ks = k0 + tl.arange(0, BK)
+        in_k = ks < D
+        v = tl.load(row_ptr + ks[None, :], mask=in_rows[:, None] & in_k[None, :],
+                    other=0.0).to(tl.float32)
+        squares += tl.sum(v * v, axis=1)
+        prompt_sum = tl.zeros([BK], tl.float32)
+        for t0 in range(0, T, BT):
+            real_t = _prompt_real(pmask_ptr, b, t0, T, s_pmb, s_pmt, HAS_PMASK, BT)
+            ts = t0 + tl.arange(0, BT)
+            p = tl.load(prompt_ptr + b * s_pb + ts[:, None] * s_pt + ks[None, :],
+                        mask=real_t[:, None] & in_k[None, :], other=0.0).to(tl.float32)
+            prompt_sum += tl.sum(p, axis=0)
+        dots += tl.sum(v * prompt_sum[None, :], axis=1)
+        prompt_squares += prompt_sum * prompt_sum
+    count = tl.full([], 0, tl.int32)
+    for t0 in range(0, T, BT):
+        count += tl.sum(_prompt_real(pmask_ptr, b, t0, T, s_pmb, s_pmt, HAS_PMASK, BT).to(tl.int32))
+
+    norm = tl.sqrt(squares)
+    inv = 1.0 / tl.where(norm < _EPS, _EPS, norm)  # a NaN norm stays NaN
+    scorable = norm < float("inf")  # False for NaN and Inf norms
+    real = in_rows
+    if HAS_VMASK:
+        real &= tl.load(vmask_ptr + b * s_vmb + rows * s_vmn, mask=in_rows, other=0) != 0
+    # relevance = v_hat . p_hat with p_hat = mean / max(|mean|, eps), mean = sum / count
+    count_f = tl.maximum(count, 1).to(tl.float32)
+    mean_norm = tl.sqrt(tl.sum(prompt_squares, axis=0)) / count_f
+    relevance = dots * inv / (count_f * tl.where(mean_norm < _EPS, _EPS, mean_norm))
+    # keep overflowed scores off the sentinels (only features beyond ~1e19 get here)
+    relevance = tl.minimum(tl.maximum(relevance, -1.5), 1.5)
+    relevance = tl.where(scorable & (relevance == relevance), relevance, _DEMOTED)
+    relevance = tl.where(real, relevance, _PADDING)
+    fill = tl.where(real, tl.where(scorable, float("inf"), _DEMOTED), _PADDING)
+    out = b * N + rows
+    tl.store(inv_ptr + out, inv, mask=in_rows)
+    tl.store(rel_ptr + out, relevance, mask=in_rows)
+    tl.store(fill_ptr + out, fill, mask=in_rows)
+    if tile_m == 0:
+        tl.store(ncore_ptr + b, tl.where(count > 0, n_core, 0))
+
+
+@triton.jit
+def _prompt_real(pmask_ptr, b, t0, T, s_pmb, s_pmt, HAS_PMASK: tl.constexpr, BT: tl.constexpr):
+    ts = t0 + tl.arange(0, BT)
+    real = ts < T
+    if HAS_PMASK:
+        real &= tl.load(pmask_ptr + b * s_pmb + ts * s_pmt, mask=real, other=0) != 0
+    return real
+
+
+@triton.jit
+def _gram_group(visual_ptr, vmask_ptr, gram_ptr, nearest_ptr, b, tile_m, group, N, D,
+                tiles_per_group, n_groups, s_vb, s_vn, s_vmb, s_vmn,
+                HAS_VMASK: tl.constexpr, STORE_GRAM: tl.constexpr, NEED_NEAREST: tl.constexpr,
+                DOT_FP32: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    rows = tile_m * BM + tl.arange(0, BM)
+    in_rows = rows < N
+    nearest = tl.full([BM], float("-inf"), tl.float32)  # largest cosine to another real token
+    first = group * tiles_per_group
+    stop = tl.minimum(first + tiles_per_group, tl.cdiv(N, BM))
+    for tile_n in range(first, stop):
+        cols = tile_n * BM + tl.arange(0, BM)
+        in_cols = cols < N
+        gram = tl.zeros([BM, BM], tl.float32)
+        row_squares = tl.zeros([BM], tl.float32)
+        col_squares = tl.zeros([BM], tl.float32)
+        for k0 in range(0, D, BK):
+            ks = k0 + tl.arange(0, BK)
+            in_k = ks < D
+            a = tl.load(visual_ptr + b * s_vb + rows[:, None] * s_vn + ks[None, :],
+                        mask=in_rows[:, None] & in_k[None, :], other=0.0)
+            c = tl.load(visual_ptr + b * s_vb + cols[:, None] * s_vn + ks[None, :],
+                        mask=in_cols[:, None] & in_k[None, :], other=0.0)
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                c = c.to(tl.float32)
+            gram = tl.dot(a, tl.trans(c), gram, input_precision="ieee")
+            if NEED_NEAREST:
+                a32 = a.to(tl.float32)
+                c32 = c.to(tl.float32)
+                row_squares += tl.sum(a32 * a32, axis=1)
+                col_squares += tl.sum(c32 * c32, axis=1)
+        if STORE_GRAM:
+            tl.store(gram_ptr + (b * N + rows[:, None]) * N + cols[None, :], gram,
+                     mask=in_rows[:, None] & in_cols[None, :])
+        if NEED_NEAREST:
+            row_norm = tl.sqrt(row_squares)
+            col_norm = tl.sqrt(col_squares)
+            cosine = (gram / tl.where(row_norm < _EPS, _EPS, row_norm)[:, None]
+                      / tl.where(col_norm < _EPS, _EPS, col_norm)[None, :])
+            other = in_cols
+            if HAS_VMASK:
+                other &= tl.load(vmask_ptr + b * s_vmb + cols * s_vmn, mask=in_cols, other=0) != 0
+            other2 = other[None, :] & (rows[:, None] != cols[None, :]) & (cosine == cosine)
+            nearest = tl.maximum(nearest, tl.max(tl.where(other2, cosine, float("-inf")), axis=1))
+    if NEED_NEAREST:
+        tl.store(nearest_ptr + (b * n_groups + group) * N + rows, nearest, mask=in_rows)
+
+
+@triton.jit
+def _prepare_kernel(visual_ptr, prompt_ptr, pmask_ptr, vmask_ptr, inv_ptr, rel_ptr, fill_ptr,
+                    ncore_ptr, gram_ptr, nearest_ptr, N, D, T, n_core, tiles_per_group, n_groups,
+                    s_vb, s_vn, s_pb, s_pt, s_pmb, s_pmt, s_vmb, s_vmn,
+                    HAS_PMASK: tl.constexpr, HAS_VMASK: tl.constexpr,
+                    STORE_GRAM: tl.constexpr, NEED_NEAREST: tl.constexpr, DOT_FP32: tl.constexpr,
+                    BM: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr):
+    """Launch 1. Outputs (float32 unless said): inv [B, N], rel [B, N], fill [B, N],
+    ncore int32 [B]; gram [B, N, N] (raw dot products) if STORE_GRAM; nearest
+    [B, n_groups, N] (largest cosine to another real token) if NEED_NEAREST."""
+    tile_m = tl.program_id(0)
+    job = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    if job == 0:
+        _row_stats(visual_ptr, prompt_ptr, pmask_ptr, vmask_ptr, inv_ptr, rel_ptr, fill_ptr,
+                   ncore_ptr, b, tile_m, N, D, T, n_core,
+                   s_vb, s_vn, s_pb, s_pt, s_pmb, s_pmt, s_vmb, s_vmn,
+                   HAS_PMASK, HAS_VMASK, BM, BK, BT)
+    else:
+        _gram_group(visual_ptr, vmask_ptr, gram_ptr, nearest_ptr, b, tile_m, job - 1, N, D,
+                    tiles_per_group, n_groups, s_vb, s_vn, s_vmb, s_vmn,
+                    HAS_VMASK, STORE_GRAM, NEED_NEAREST, DOT_FP32, BM, BK)
+
+
+@triton.jit
+def _first_key(rel, fill, nearest_ptr, b, offs, inside, N, n_groups, n_core,
+               NEED_NEAREST: tl.constexpr):
+    """Key of the first pick: relevance if the row has a core, else DivPrune's."""
+    key = rel
+    if NEED_NEAREST:
+        nearest = tl.full(offs.shape, float("-inf"), tl.float32)
+        for g in range(0, n_groups):
+            nearest = tl.maximum(nearest, tl.load(nearest_ptr + (b * n_groups + g) * N + offs,
+                                                  mask=inside, other=float("-inf")))
+        divprune = tl.where(fill == float("inf"), 1.0 - nearest, fill)  # no other: +inf
+        key = tl.where(n_core > 0, rel, divprune)
+    return key
+
+
+@triton.jit
+def _update(rel, fill, offs, pick, distance):
+    """Mark ``pick`` chosen (-inf in both keys) and lower the fill key to ``distance``."""
+    distance = tl.where(distance < -1.0, -1.0, distance)  # only -inf from overflow: keep off -inf
+    taken = offs == pick
+    rel = tl.where(taken, float("-inf"), rel)
+    fill = tl.where(taken, float("-inf"), tl.where(distance < fill, distance, fill))  # fmin
+    return rel, fill
+
+
+@triton.jit
+def _select_gram_kernel(gram_ptr, inv_ptr, rel_ptr, fill_ptr, nearest_ptr, ncore_ptr, out_ptr,
+                        N, keep, n_groups, NEED_NEAREST: tl.constexpr, BLOCK: tl.constexpr):
+    """Launch 2 with the Gram scratch: one program per image, all N keys in registers."""
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    inside = offs < N
+    inv = tl.load(inv_ptr + b * N + offs, mask=inside, other=0.0)
+    rel = tl.load(rel_ptr + b * N + offs, mask=inside, other=float("-inf"))
+    fill = tl.load(fill_ptr + b * N + offs, mask=inside, other=float("-inf"))
+    n_core = tl.load(ncore_ptr + b)
+    key = _first_key(rel, fill, nearest_ptr, b, offs, inside, N, n_groups, n_core, NEED_NEAREST)
+    pick = tl.argmax(key, axis=0)
+    for step in range(0, keep):
+        row = tl.load(gram_ptr + (b * N + pick) * N + offs, mask=inside, other=0.0)
+        inv_pick = tl.load(inv_ptr + b * N + pick)
+        rel, fill = _update(rel, fill, offs, pick, 1.0 - row * inv_pick * inv)
+        pick = tl.argmax(tl.where(step + 1 < n_core, rel, fill), axis=0)
+    chosen = inside & (fill == float("-inf"))
+    position = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+    tl.store(out_ptr + b * keep + position, offs.to(tl.int64), mask=chosen)
+
+
+@triton.jit
+def _running_argmax(key, offs, best, best_index):
+    """Fold one block into a running (max, first index of max): earlier blocks win ties."""
+    block_best = tl.max(key, axis=0)
+    block_index = tl.min(tl.where(key == block_best, offs, 2147483647), axis=0)
+    better = block_best > best
+    return tl.where(better, block_best, best), tl.where(better, block_index, best_index)
+
+
+@triton.jit
+def _select_stream_kernel(visual_ptr, inv_ptr, rel_ptr, fill_ptr, nearest_ptr, ncore_ptr,
+                          out_ptr, N, D, keep, n_groups, s_vb, s_vn,
+                          NEED_NEAREST: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    """Launch 2 without a Gram scratch: one program per image; each step computes the chosen
+    token's cosines from the features and updates the keys kept in rel/fill [B, N]."""
+    b = tl.program_id(0).to(tl.int64)
+    n_core = tl.load(ncore_ptr + b)
+    best = tl.full([], float("-inf"), tl.float32)
+    pick = tl.full([], 0, tl.int32)
+    for n0 in range(0, N, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        inside = offs < N
+        rel = tl.load(rel_ptr + b * N + offs, mask=inside, other=float("-inf"))
+        fill = tl.load(fill_ptr + b * N + offs, mask=inside, other=float("-inf"))
+        key = _first_key(rel, fill, nearest_ptr, b, offs, inside, N, n_groups, n_core,
+                         NEED_NEAREST)
+        best, pick = _running_argmax(key, offs, best, pick)
+    for step in range(0, keep):
+        pick_ptr = visual_ptr + b * s_vb + pick * s_vn
+        inv_pick = tl.load(inv_ptr + b * N + pick)
+        best = tl.full([], float("-inf"), tl.float32)
+        next_pick = tl.full([], 0, tl.int32)
+        for n0 in range(0, N, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            inside = offs < N
+            dots = tl.zeros([BLOCK_N], tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                ds = d0 + tl.arange(0, BLOCK_D)
+                in_d = ds < D
+                # the chosen row is scaled first, so a finite-norm token's dot cannot overflow
+                u = tl.load(pick_ptr + ds, mask=in_d, other=0.0).to(tl.float32) * inv_pick
+                v = tl.load(visual_ptr + b * s_vb + offs[:, None] * s_vn + ds[None, :],
+                            mask=inside[:, None] & in_d[None, :], other=0.0).to(tl.float32)
+                dots += tl.sum(v * u[None, :], axis=1)
+            inv = tl.load(inv_ptr + b * N + offs, mask=inside, other=0.0)
+            rel = tl.load(rel_ptr + b * N + offs, mask=inside, other=float("-inf"))
+            fill = tl.load(fill_ptr + b * N + offs, mask=inside, other=float("-inf"))
+            rel, fill = _update(rel, fill, offs, pick, 1.0 - dots * inv)
+            tl.store(rel_ptr + b * N + offs, rel, mask=inside)
+            tl.store(fill_ptr + b * N + offs, fill, mask=inside)
+            best, next_pick = _running_argmax(tl.where(step + 1 < n_core, rel, fill), offs,
+                                              best, next_pick)
+        pick = next_pick
+        tl.debug_barrier()  # the next step reads the keys this one stored
+    written = tl.full([], 0, tl.int32)
+    for n0 in range(0, N, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        inside = offs < N
+        chosen = inside & (tl.load(fill_ptr + b * N + offs, mask=inside, other=0.0)
+                           == float("-inf"))
+        position = written + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+        tl.store(out_ptr + b * keep + position, offs.to(tl.int64), mask=chosen)
+        written += tl.sum(chosen.to(tl.int32), axis=0)
+
+
+def uses_gram(batch: int, n: int) -> bool:
+    """Whether launch 2 walks a float32 [B, N, N] Gram scratch (moderate N, bounded bytes)."""
+    return n <= GRAM_MAX_N and batch * n * n * 4 <= GRAM_MAX_BYTES
+
+
+def needs_first_pick(prompt_len: int, keep: int, relevance_ratio: float,
+                     has_prompt_mask: bool) -> bool:
+    """Whether some row may start with an empty core (DivPrune's first pick), statically."""
+    return has_prompt_mask or prompt_len == 0 or core_size(keep, relevance_ratio) == 0
+
+
+def register_block(n: int):
+    """(BLOCK, num_warps) of the Gram-mode launch 2 for N tokens."""
+    return next((block, warps) for block, warps in REGISTER_BLOCKS if n <= block)
+
+
+def select_batched(visual, prompt, keep, relevance_ratio, prompt_mask=None, visual_mask=None,
+                   *, gram=None):
+    """The selection on checked batched inputs, in two kernel launches; same contract as
+    ``zspaprune_ops.reference.naive.select_batched``.
+
+    visual [B, N, D] and prompt [B, T, D] (float16/bfloat16/float32; a feature stride other than 1
+    costs a contiguous copy), masks bool
+    [B, T] / [B, N] or None. Returns int64 [B, keep], ascending rows. ``gram`` forces (True) or
+    forbids (False) the [B, N, N] scratch; by default ``uses_gram`` decides. Extra memory:
+    3 float32 [B, N] keys, the Gram scratch if used, and [B, ceil(N / 2048), N] float32
+    nearest-neighbour partials (``[B, ceil(N / 64), N]`` in Gram mode) when a row can start
+    with DivPrune's pick.
+    """
+    visual, prompt = _rows_contiguous(visual), _rows_contiguous(prompt)
+    B, N, D = visual.shape
+    T = prompt.shape[1]
+    gram = uses_gram(B, N) if gram is None else gram
+    nearest_needed = needs_first_pick(T, keep, relevance_ratio, prompt_mask is not None)
+    device = visual.device
+    inv, rel, fill = torch.empty(3, B, N, device=device, dtype=torch.float32).unbind(0)
+    n_core = torch.empty(B, device=device, dtype=torch.int32)
+    picks = torch.empty(B, keep, device=device, dtype=torch.int64)
+    n_tiles = triton.cdiv(N, TILE)
+    tiles_per_group = 1 if gram else NEAREST_GROUP_COLS // TILE
+    n_groups = triton.cdiv(n_tiles, tiles_per_group) if gram or nearest_needed else 0
+    gram_scratch = torch.empty(B, N, N, device=device, dtype=torch.float32) if gram else inv
+    nearest = (torch.empty(B, n_groups, N, device=device, dtype=torch.float32)
+               if nearest_needed else inv)
+    pmask = prompt_mask if prompt_mask is not None else inv
+    vmask = visual_mask if visual_mask is not None else inv
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        _prepare_kernel[(n_tiles, 1 + n_groups, B)](
+            visual, prompt, pmask, vmask, inv, rel, fill, n_core, gram_scratch, nearest,
+            N, D, T, core_size(keep, relevance_ratio), tiles_per_group, n_groups,
+            *visual.stride()[:2], *prompt.stride()[:2], *_strides(prompt_mask), *_strides(visual_mask),
+            HAS_PMASK=prompt_mask is not None, HAS_VMASK=visual_mask is not None,
+            STORE_GRAM=gram, NEED_NEAREST=nearest_needed,
+            DOT_FP32=visual.dtype == torch.bfloat16 and _interpreted(), BM=TILE, BK=tile_k(visual.dtype),
+            BT=PROMPT_ROWS, num_warps=PREPARE_WARPS)
+        if gram:
+            block, warps = register_block(N)
+            _select_gram_kernel[(B,)](gram_scratch, inv, rel, fill, nearest, n_core, picks,
+                                      N, keep, n_groups, NEED_NEAREST=nearest_needed,
+                                      BLOCK=block, num_warps=warps)
+        else:
+            _select_stream_kernel[(B,)](visual, inv, rel, fill, nearest, n_core, picks,
+                                        N, D, keep, n_groups, *visual.stride()[:2],
+                                        NEED_NEAREST=nearest_needed, BLOCK_N=STREAM_BLOCK_N,
+                                        BLOCK_D=STREAM_BLOCK_D, num_warps=STREAM_WARPS)
+    return picks
+
+
+def _interpreted() -> bool:
+    # Triton's interpreter multiplies bfloat16 dot operands as raw uint16 bits (3.9.0): there the
+    # tiles are upcast first. Bfloat16 products are exact in float32, so only the summation order
+    # differs from the tensor-core path.
+    return type(_prepare_kernel).__name__ == "InterpretedFunction"
+
+
+def _rows_contiguous(x):
+    """The kernels index features with unit stride: copy only inputs laid out otherwise."""
+    return x if x.shape[-1] == 1 or x.stride(-1) == 1 else x.contiguous()
+
+
+def _strides(mask):
+    return mask.stride() if mask is not None else (0, 0)

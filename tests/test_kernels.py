@@ -1,0 +1,197 @@
+"""The fused Triton kernels against the reference (on CPU through Triton's interpreter).
+
+Each case runs both launch-2 designs: the Gram scratch (keys in registers) and the streaming one
+(keys in an O(B·N) scratch). Results must equal the reference; where a row differs, it must be a
+genuine float near-tie of the float64 rule (``literal.replay``), else the test fails.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import zspaprune_ops
+from literal import replay
+from zspaprune_ops import kernels
+from zspaprune_ops.dispatch import implementation
+from zspaprune_ops.kernels.select import select_batched as kernel_select
+from zspaprune_ops.reference.naive import select_batched as reference_select
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+MODES = pytest.mark.parametrize("gram", [True, False], ids=["gram", "stream"])
+
+
+def make_case(seed, B, N, D, T, dtype=torch.float32, *, visual_padding=False,
+              prompt_padding=False, duplicates=False, zeros=False, nonfinite=False):
+    """Fresh random features and masks on DEVICE; every row keeps at least N // 2 real tokens."""
+    g = torch.Generator().manual_seed(seed)
+    visual = torch.randn(B, N, D, generator=g)
+    if duplicates and N > 2:
+        visual[:, torch.randint(0, N, (N // 3,), generator=g)] = visual[
+            :, torch.randint(0, N, (N // 3,), generator=g)]
+    if zeros and N > 1:
+        visual[:, torch.randint(0, N, (max(1, N // 10),), generator=g)] = 0.0
+    if nonfinite and N > 3:
+        visual[:, 1, 0] = math.nan
+        visual[:, 2, -1] = math.inf
+    prompt = torch.randn(B, T, D, generator=g)
+    prompt_mask = visual_mask = None
+    if visual_padding:
+        visual_mask = torch.rand(B, N, generator=g) < 0.7
+        visual_mask[:, : (N + 1) // 2] = True
+    if prompt_padding:
+        prompt_mask = torch.rand(B, T, generator=g) < 0.6
+        prompt_mask[0] = False  # a row without any real prompt token: pure diversity
+    move = (lambda x: None if x is None else x.to(DEVICE))
+    return (visual.to(DEVICE, dtype), prompt.to(DEVICE, dtype), move(prompt_mask),
+            move(visual_mask))
+
+
+def check(visual, prompt, keep, ratio, prompt_mask=None, visual_mask=None, *, gram):
+    """Kernels vs reference: equal, or each differing row a float64 near-tie; returns picks."""
+    kept = kernel_select(visual, prompt, keep, ratio, prompt_mask, visual_mask, gram=gram)
+    expected = reference_select(visual, prompt, keep, ratio, prompt_mask, visual_mask)
+    assert kept.dtype == torch.int64 and kept.shape == expected.shape
+    assert kept.device == visual.device
+    for b in torch.nonzero((kept != expected).any(dim=1)).flatten().tolist():
+        replay(visual[b].cpu(), prompt[b].cpu(), keep, ratio, kept[b].cpu(),
+               None if prompt_mask is None else prompt_mask[b].cpu(),
+               None if visual_mask is None else visual_mask[b].cpu())
+    return kept
+
+
+CASES = [  # seed, B, N, D, T, keep, ratio, case options
+    (0, 1, 1, 8, 3, 1, 0.5, {}),
+    (1, 2, 2, 5, 4, 2, 0.0, {}),
+    (2, 3, 37, 16, 5, 10, 0.5, dict(visual_padding=True, duplicates=True, zeros=True)),
+    (3, 2, 100, 64, 9, 100, 0.3, dict(prompt_padding=True)),  # keep = N
+    (4, 2, 70, 40, 40, 7, 1.0, dict(duplicates=True)),  # D and T over several chunks
+    (5, 1, 130, 24, 3, 20, 0.25, dict(visual_padding=True, prompt_padding=True)),  # 3 tiles
+]
+
+
+@MODES
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=[f"N{c[2]}-keep{c[5]}-r{c[6]}" for c in CASES])
+def test_matches_reference(case, dtype, gram):
+    seed, B, N, D, T, keep, ratio, options = case
+    visual, prompt, prompt_mask, visual_mask = make_case(seed, B, N, D, T, dtype, **options)
+    keep = min(keep, N if visual_mask is None else int(visual_mask.sum(1).min()))
+    check(visual, prompt, keep, ratio, prompt_mask, visual_mask, gram=gram)
+
+
+@MODES
+@pytest.mark.parametrize("D", [1, 6])
+def test_exact_ties_go_to_the_lower_index(gram, D):
+    """Power-of-two multiples of basis vectors: every cosine is exactly 0 or +-1 in any
+    arithmetic, so ties are exact and must resolve like the reference's, lower index first."""
+    g = torch.Generator().manual_seed(7)
+    axis = torch.randint(0, D, (3, 24), generator=g)
+    scale = 2.0 ** torch.randint(-3, 4, (3, 24), generator=g) * (1 - 2 * (axis % 2))
+    visual = (torch.nn.functional.one_hot(axis, D) * scale[..., None]).to(DEVICE)
+    prompt = torch.randn(3, 2, D, generator=g).to(DEVICE)
+    for ratio in (0.0, 0.5, 1.0):
+        kept = kernel_select(visual, prompt, 9, ratio, gram=gram)
+        assert torch.equal(kept, reference_select(visual, prompt, 9, ratio))
+
+
+@MODES
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nonfinite_and_zero_features(dtype, gram):
+    visual, prompt, _, visual_mask = make_case(11, 2, 29, 16, 4, dtype, zeros=True,
+                                               nonfinite=True, visual_padding=True)
+    for ratio in (0.0, 0.6):
+        kept = check(visual, prompt, 14, ratio, None, visual_mask, gram=gram)
+        assert all(len(set(row)) == 14 for row in kept.tolist())
+
+
+@MODES
+def test_prompt_edge_cases(gram):
+    visual, prompt, _, _ = make_case(12, 2, 23, 16, 5)
+    prompt[1, 2, 3] = math.nan  # a NaN prompt: every relevance demoted, the row stays valid
+    prompt_mask = torch.tensor([[False] * 5, [True] * 5], device=DEVICE)  # row 0: no prompt
+    check(visual, prompt, 9, 0.5, prompt_mask, None, gram=gram)
+    check(visual, prompt[:, :0], 9, 0.5, None, None, gram=gram)  # T = 0: pure diversity
+    check(visual, torch.zeros_like(prompt), 9, 0.5, None, None, gram=gram)  # zero prompt
+
+
+@MODES
+def test_strided_mixed_dtype_inputs(gram):
+    visual, prompt, prompt_mask, visual_mask = make_case(13, 2, 41, 48, 6, prompt_padding=True,
+                                                         visual_padding=True)
+    visual_t = visual.transpose(1, 2).contiguous().transpose(1, 2)  # feature stride != 1
+    prompt_bf16 = prompt.to(torch.bfloat16)[:, ::2]  # another dtype, row stride 2 * D
+    check(visual_t, prompt_bf16, 11, 0.5, prompt_mask[:, ::2], visual_mask[:, :], gram=gram)
+
+
+@MODES
+def test_repeated_runs_are_identical(gram):
+    visual, prompt, prompt_mask, visual_mask = make_case(14, 2, 50, 16, 4, duplicates=True,
+                                                         visual_padding=True)
+    runs = [kernel_select(visual, prompt, 12, 0.5, prompt_mask, visual_mask, gram=gram)
+            for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_wrapper_triton_backend():
+    visual, prompt, prompt_mask, visual_mask = make_case(15, 2, 33, 16, 5, torch.float16,
+                                                         prompt_padding=True, visual_padding=True)
+    kept = zspaprune_ops.select(visual, prompt, 9, 0.5, prompt_mask=prompt_mask,
+                                visual_mask=visual_mask, backend="triton")
+    assert torch.equal(kept, zspaprune_ops.select(visual, prompt, 9, 0.5, prompt_mask=prompt_mask,
+                                                  visual_mask=visual_mask, backend="reference"))
+    unbatched = zspaprune_ops.select(visual[1], prompt[1], 9, 0.0, backend="triton")
+    assert unbatched.shape == (9,)
+    assert torch.equal(unbatched, zspaprune_ops.reference.select(visual[1], prompt[1], 9, 0.0))
+
+
+def test_dispatch_table():
+    assert implementation("auto", torch.device("cuda")) is kernels.select_batched
+    assert implementation("auto", torch.device("cpu")) is reference_select
+    assert implementation("reference", torch.device("cuda")) is reference_select
+    assert implementation("triton", torch.device(DEVICE)) is kernels.select_batched
+    with pytest.raises(ValueError, match="backend must be one of"):
+        implementation("fused", torch.device("cpu"))
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import torch, zspaprune_ops\n"
+            "try:\n"
+            "    zspaprune_ops.select(torch.randn(5, 4), torch.randn(2, 4), 2, backend='triton')\n"
+            "except RuntimeError as error:\n"
+            "    print(error)\n")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert "TRITON_INTERPRET=1" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.fixture
+def op_runs_kernels(monkeypatch):
+    """Route the op's ``auto`` dispatch to the kernels on this device too (on CUDA it already
+    does): the op then runs the Triton kernels under opcheck and torch.compile on CPU."""
+    monkeypatch.setattr("zspaprune_ops.op.implementation",
+                        lambda backend, device: kernels.select_batched)
+
+
+def test_op_with_kernels_passes_opcheck(op_runs_kernels):
+    visual, prompt, prompt_mask, visual_mask = make_case(16, 2, 21, 16, 4, prompt_padding=True,
+                                                         visual_padding=True)
+    torch.library.opcheck(torch.ops.zspaprune.select.default,
+                          (visual, prompt, 6, 0.5, prompt_mask, visual_mask))
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_op_with_kernels_compiles_fullgraph(op_runs_kernels, dynamic):
+    def prune(visual, prompt, prompt_mask, visual_mask):
+        kept = torch.ops.zspaprune.select(visual, prompt, 6, 0.5, prompt_mask, visual_mask)
+        return torch.gather(visual, 1, kept[..., None].expand(-1, -1, visual.shape[2])) * 2.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(prune, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+    for seed, N in [(17, 21), (18, 26)]:
+        args = make_case(seed, 2, N, 16, 4, prompt_padding=True, visual_padding=True)
+        assert torch.equal(compiled(*args), prune(*args))
