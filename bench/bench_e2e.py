@@ -20,7 +20,7 @@ import torch
 
 import results
 from zspaprune_ops.llava import ZSPAPruneLlava
-from zspaprune_ops.measure import median_seconds, peak_bytes
+from zspaprune_ops.measure import interleaved_medians, peak_bytes
 from zspaprune_ops.tiny_llava import LLAVA_15_7B_SIZES, SPECIAL_TOKENS, build_model
 
 PRESETS = {
@@ -58,13 +58,12 @@ def resident_bytes(tensors, device: torch.device) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def measure(fn, resident_tensors, device, repeat) -> dict:
-    """median_us, peak_bytes (None if unmeasured) and extra_peak_bytes: the peak above what was
-    resident before the call (on CPU: ``resident_tensors``, what the call reads)."""
-    seconds = median_seconds(fn, device, repeat)
+def memory(fn, resident_tensors, device) -> dict:
+    """peak_bytes (None if unmeasured) and extra_peak_bytes: the peak above what was resident
+    before the call (on CPU: ``resident_tensors``, what the call reads)."""
     peak = peak_bytes(fn, device)
     extra = None if peak is None else peak - resident_bytes(resident_tensors, device)
-    return {"median_us": seconds * 1e6, "peak_bytes": peak, "extra_peak_bytes": extra}
+    return {"peak_bytes": peak, "extra_peak_bytes": extra}
 
 
 def selection_call(wrapped: ZSPAPruneLlava, inputs: dict):
@@ -83,30 +82,33 @@ def selection_call(wrapped: ZSPAPruneLlava, inputs: dict):
 
 def run(preset: str, keeps, text_tokens: int, ratio: float, repeat: int,
         device: torch.device, dtype: torch.dtype, seed: int = 0) -> list:
-    """Benchmark rows: unpruned at keep >= N, wrapped + selection-only below."""
+    """Benchmark rows: unpruned at keep >= N, wrapped + selection-only below; all callables
+    are timed in turns (``interleaved_medians``)."""
     model = build_model("llava", seed=seed, device=device, dtype=dtype, **PRESETS[preset])
     inputs, n_visual = make_inputs(model.config, text_tokens, device, dtype, seed)
     shape = {"model": preset, "dtype": str(dtype).replace("torch.", ""), "N": n_visual,
              "T": text_tokens, "ratio": ratio}
     model_tensors = list(model.parameters()) + list(model.buffers()) + list(inputs.values())
-    rows, unpruned_us = [], None
+    cases = []  # (keep, impl, call, tensors it reads)
     for keep in sorted(set(keeps), reverse=True):
-        case = {**shape, "keep": min(keep, n_visual)}
         if keep >= n_visual:
-            stats = measure(lambda: model(**inputs, logits_to_keep=1), model_tensors, device,
-                            repeat)
-            unpruned_us = stats["median_us"]
-            rows.append({"bench": "e2e_prefill", "shape": case, "impl": "unpruned", **stats})
+            cases.append((n_visual, "unpruned", lambda: model(**inputs, logits_to_keep=1),
+                          model_tensors))
             continue
         wrapped = ZSPAPruneLlava(model, keep=keep, relevance_ratio=ratio)
-        stats = measure(lambda: wrapped(**inputs, logits_to_keep=1), model_tensors, device,
-                        repeat)
-        selection = measure(*selection_call(wrapped, inputs), device, repeat)
-        stats["selection_share"] = selection["median_us"] / stats["median_us"]
-        if unpruned_us is not None:
-            stats["speedup_vs_unpruned"] = unpruned_us / stats["median_us"]
-        rows.append({"bench": "e2e_prefill", "shape": case, "impl": "zspaprune", **stats})
-        rows.append({"bench": "e2e_prefill", "shape": case, "impl": "selection", **selection})
+        cases.append((keep, "zspaprune", lambda w=wrapped: w(**inputs, logits_to_keep=1),
+                      model_tensors))
+        cases.append((keep, "selection", *selection_call(wrapped, inputs)))
+    seconds = interleaved_medians([case[2] for case in cases], device, repeat)
+    rows = [{"bench": "e2e_prefill", "shape": {**shape, "keep": keep}, "impl": impl,
+             "median_us": s * 1e6, **memory(call, tensors, device)}
+            for (keep, impl, call, tensors), s in zip(cases, seconds)]
+    unpruned = [row["median_us"] for row in rows if row["impl"] == "unpruned"]
+    for row, selection in zip(rows, rows[1:]):
+        if row["impl"] == "zspaprune":
+            row["selection_share"] = selection["median_us"] / row["median_us"]
+            if unpruned:
+                row["speedup_vs_unpruned"] = unpruned[0] / row["median_us"]
     return rows
 
 

@@ -44,7 +44,9 @@ def reference_selection(model, inputs, keep, ratio):
         features = wrapped.prune_inputs(**{k: v for k, v in inputs.items()}).image_features[0]
         embeds = model.get_input_embeddings()(inputs["input_ids"])[0]
     prompt_mask = inputs["input_ids"][0] != model.config.image_token_id
-    candidates = wrapped._candidates(features)
+    newline = getattr(model.model, "image_newline", None)  # LLaVA-NeXT's: never a candidate
+    candidates = (torch.ones(len(features), dtype=torch.bool) if newline is None
+                  else ~(features == newline.to(features)).all(dim=-1))
     kept = naive.select(features, embeds, keep, ratio, prompt_mask=prompt_mask,
                         visual_mask=candidates)
     n_core = core_size(keep, ratio)
@@ -92,6 +94,8 @@ def test_demo_default_end_to_end(tmp_path, monkeypatch, capsys):
     result = run_demo("--out", str(tmp_path / "out" / "demo.png"))
     out = capsys.readouterr().out
     assert "TINY RANDOM-WEIGHT" in out and "include the selection" in out
+    assert f"overlay of the kept patches: {result.png}" in out
+    assert all(row.peak_bytes > 0 for row in result.rows)  # CPU: the torch profiler's timeline
 
     # The table: unpruned first, then 576/3, 576*2/9, 576/9; each budget shortens the sequence
     # by exactly the pruned tokens and splits into core + fill by the rule.

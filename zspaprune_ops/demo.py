@@ -20,7 +20,7 @@ from typing import List, Optional
 
 import torch
 
-from zspaprune_ops.measure import median_seconds, peak_bytes
+from zspaprune_ops.measure import interleaved_medians, peak_bytes
 from zspaprune_ops.rule import core_size
 
 SAMPLE_IMAGE = Path(__file__).resolve().parent / "assets" / "sample.png"
@@ -53,7 +53,12 @@ def tiny_default_dir(rebuild: bool = False) -> Path:
     build_tiny_llava(staging, kind="llava", seed=0, **TINY_DEFAULT_SIZES)
     (staging / "complete").write_text(TINY_NAME + "\n")
     shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)  # atomic: a half-written build never looks complete
+    try:
+        os.replace(staging, folder)  # atomic: a half-written build never looks complete
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (folder / "complete").exists():  # not a concurrent demo's finished build
+            raise
     return folder
 
 
@@ -126,30 +131,25 @@ def run(model, processor, image, prompt: str, keeps, relevance_ratio: float,
     decode = processor.tokenizer.decode
     keeps = keeps or [max(1, round(image_tokens * f)) for f in DEFAULT_FRACTIONS[1:]]
 
-    def unpruned_prefill():
-        return model(**inputs, logits_to_keep=1)
-
-    new_tokens = model.generate(**inputs, **generate_kwargs)[0, input_length:]
-    rows = [BudgetResult(None, input_length, median_seconds(unpruned_prefill, device, repeat),
-                         peak_bytes(unpruned_prefill, device),
-                         decode(new_tokens, skip_special_tokens=True))]
-    for keep in keeps:
-        wrapped = ZSPAPruneLlava(model, keep=min(keep, image_tokens),
-                                 relevance_ratio=relevance_ratio)
-
-        def pruned_prefill():
-            return wrapped(**inputs, logits_to_keep=1)
-
+    models = [model] + [ZSPAPruneLlava(model, keep=min(keep, image_tokens),
+                                       relevance_ratio=relevance_ratio) for keep in keeps]
+    prefills = [lambda m=m: m(**inputs, logits_to_keep=1) for m in models]
+    seconds = interleaved_medians(prefills, device, repeat)
+    rows = []
+    for runner, prefill, time_s in zip(models, prefills, seconds):
+        peak = peak_bytes(prefill, device)
+        new_tokens = runner.generate(**inputs, **generate_kwargs)[0]
+        if runner is model:  # the model's own generate returns the prompt too
+            rows.append(BudgetResult(None, input_length, time_s, peak,
+                                     decode(new_tokens[input_length:], skip_special_tokens=True)))
+            continue
         with torch.inference_mode():
-            pruned = wrapped.prune_inputs(**_prune_arguments(inputs))
+            pruned = runner.prune_inputs(**_prune_arguments(inputs))
         kept = [index for index in pruned.kept_indices[0].tolist() if index >= 0]
-        selected = wrapped.keep < image_tokens  # else the image is kept whole, no selection
-        rows.append(BudgetResult(
-            wrapped.keep, pruned.inputs_embeds.shape[1],
-            median_seconds(pruned_prefill, device, repeat), peak_bytes(pruned_prefill, device),
-            decode(wrapped.generate(**inputs, **generate_kwargs)[0], skip_special_tokens=True),
-            kept, relevance_core(model, inputs, wrapped.keep, relevance_ratio, kept)
-            if selected else []))
+        selected = runner.keep < image_tokens  # else the image is kept whole, no selection
+        core = relevance_core(model, inputs, runner.keep, relevance_ratio, kept) if selected else []
+        rows.append(BudgetResult(runner.keep, pruned.inputs_embeds.shape[1], time_s, peak,
+                                 decode(new_tokens, skip_special_tokens=True), kept, core))
     return image_tokens, rows
 
 

@@ -2,7 +2,7 @@
 import contextlib
 import os
 import time
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -14,23 +14,33 @@ def synchronize(device: torch.device) -> None:
 
 def median_seconds(fn: Callable[[], object], device: torch.device, repeat: int = 5,
                    warmup: int = 1) -> float:
-    """Median wall-clock seconds of ``fn()`` over ``repeat`` runs after ``warmup`` untimed ones.
+    """Median wall-clock seconds of ``fn()`` over ``repeat`` runs after ``warmup`` untimed ones."""
+    return interleaved_medians([fn], device, repeat, warmup)[0]
 
-    The device is synchronized before and after each run, so queued GPU work is counted.
+
+def interleaved_medians(fns: Sequence[Callable[[], object]], device: torch.device,
+                        repeat: int = 5, warmup: int = 1) -> List[float]:
+    """Median wall-clock seconds of each ``fn()``, timed in turns (fn0, fn1, ..., fn0, ...).
+
+    Taking turns spreads slow phases of a shared machine over every callable instead of
+    charging them to whichever ran then. The device is synchronized around each run, so queued
+    GPU work is counted.
     """
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
+    times = [[] for _ in fns]
     with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        times = []
+        for fn in fns:
+            for _ in range(warmup):
+                fn()
         for _ in range(repeat):
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+            for fn, fn_times in zip(fns, times):
+                synchronize(device)
+                start = time.perf_counter()
+                fn()
+                synchronize(device)
+                fn_times.append(time.perf_counter() - start)
+    return [sorted(t)[len(t) // 2] for t in times]
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
