@@ -20,7 +20,7 @@ import torch
 
 import results
 from zspaprune_ops.llava import ZSPAPruneLlava
-from zspaprune_ops.measure import interleaved_medians, peak_bytes
+from zspaprune_ops.measure import interleaved_medians, peak_bytes, resident_bytes
 from zspaprune_ops.tiny_llava import LLAVA_15_7B_SIZES, SPECIAL_TOKENS, build_model
 
 PRESETS = {
@@ -49,13 +49,6 @@ def make_inputs(config, text_tokens: int, device: torch.device, dtype: torch.dty
     pixel_values = torch.randn(1, 3, vision.image_size, vision.image_size, generator=generator)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
             "pixel_values": pixel_values.to(device, dtype)}, n_visual
-
-
-def resident_bytes(tensors, device: torch.device) -> int:
-    """Bytes held before a measured call: CUDA's allocated memory, else ``tensors``' bytes."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def memory(fn, resident_tensors, device) -> dict:

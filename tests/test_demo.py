@@ -142,7 +142,8 @@ def test_demo_llava_next_draws_base_and_high_res_grids(tmp_path, capsys):
     processor = AutoProcessor.from_pretrained(str(folder))
     inputs = model_inputs(model, processor, wide)
     for row in result.rows[1:]:
-        assert row.sequence_length == result.rows[0].sequence_length - result.image_tokens + row.keep
+        pruned_away = result.image_tokens - row.keep  # newlines included: dropped when pruned
+        assert row.sequence_length == result.rows[0].sequence_length - pruned_away
         assert (row.kept, row.core) == reference_selection(model, inputs, row.keep, 0.6)
     grids = check_png(result, model, processor, wide)
     assert [g.name for g in grids] == ["base grid", "high-res grid"]

@@ -20,7 +20,7 @@ from typing import List, Optional
 
 import torch
 
-from zspaprune_ops.measure import interleaved_medians, peak_bytes
+from zspaprune_ops.measure import interleaved_medians, peak_bytes, resident_bytes
 from zspaprune_ops.rule import core_size
 
 SAMPLE_IMAGE = Path(__file__).resolve().parent / "assets" / "sample.png"
@@ -102,6 +102,7 @@ class BudgetResult:
     sequence_length: int
     prefill_seconds: float
     peak_bytes: Optional[int]
+    extra_bytes: Optional[int]
     text: str
     kept: List[int] = field(default_factory=list)
     core: List[int] = field(default_factory=list)
@@ -135,12 +136,14 @@ def run(model, processor, image, prompt: str, keeps, relevance_ratio: float,
                                        relevance_ratio=relevance_ratio) for keep in keeps]
     prefills = [lambda m=m: m(**inputs, logits_to_keep=1) for m in models]
     seconds = interleaved_medians(prefills, device, repeat)
+    resident = resident_bytes([*model.parameters(), *model.buffers(), *inputs.values()], device)
     rows = []
     for runner, prefill, time_s in zip(models, prefills, seconds):
         peak = peak_bytes(prefill, device)
+        peak = (peak, None if peak is None else peak - resident)
         new_tokens = runner.generate(**inputs, **generate_kwargs)[0]
         if runner is model:  # the model's own generate returns the prompt too
-            rows.append(BudgetResult(None, input_length, time_s, peak,
+            rows.append(BudgetResult(None, input_length, time_s, *peak,
                                      decode(new_tokens[input_length:], skip_special_tokens=True)))
             continue
         with torch.inference_mode():
@@ -148,7 +151,7 @@ def run(model, processor, image, prompt: str, keeps, relevance_ratio: float,
         kept = [index for index in pruned.kept_indices[0].tolist() if index >= 0]
         selected = runner.keep < image_tokens  # else the image is kept whole, no selection
         core = relevance_core(model, inputs, runner.keep, relevance_ratio, kept) if selected else []
-        rows.append(BudgetResult(runner.keep, pruned.inputs_embeds.shape[1], time_s, peak,
+        rows.append(BudgetResult(runner.keep, pruned.inputs_embeds.shape[1], time_s, *peak,
                                  decode(new_tokens, skip_special_tokens=True), kept, core))
     return image_tokens, rows
 
@@ -247,32 +250,42 @@ def _size_dict(size) -> dict:
 
 def report(result: DemoResult, relevance_ratio: float, device: torch.device, repeat: int) -> str:
     """The printed table: one line per budget, the unpruned model first."""
-    timed = "pruned rows include the selection: vision tower + selection + LLM prefill"
     lines = [result.model_note,
              f"{result.image_tokens} visual tokens per image; relevance_ratio {relevance_ratio}; "
              f"prefill = forward over the whole prompt, median of {repeat} run(s) on {device}",
-             f"({timed}; unpruned: vision tower + LLM prefill)", "",
+             "(pruned rows include the selection: vision tower + selection + LLM prefill; "
+             "unpruned: vision tower + LLM prefill)", "",
              f"{'keep':>6} {'seq len':>7} {'core':>5} {'fill':>5} {'prefill ms':>10} "
-             f"{'vs unpruned':>11} {'peak MiB':>9} {'vs unpruned':>11}  generated text"]
+             f"{'vs unpruned':>11} {'peak MiB':>9} {'extra MiB':>9} {'vs unpruned':>11}  "
+             "generated text"]
     base = result.rows[0]
     for row in result.rows:
-        keep = "all" if row.keep is None else str(row.keep)
-        core = "-" if row.keep is None else str(len(row.core))
-        fill = "-" if row.keep is None else str(len(row.kept) - len(row.core))
-        speed = "1.00x" if row is base else f"{base.prefill_seconds / row.prefill_seconds:.2f}x"
-        peak = "n/a" if row.peak_bytes is None else f"{row.peak_bytes / 2**20:.1f}"
-        ratio = ("n/a" if row.peak_bytes is None or base.peak_bytes is None
-                 else f"{row.peak_bytes / base.peak_bytes:.2f}x")
-        lines.append(f"{keep:>6} {row.sequence_length:>7} {core:>5} {fill:>5} "
-                     f"{row.prefill_seconds * 1e3:>10.2f} {speed:>11} {peak:>9} {ratio:>11}  "
-                     f"{row.text!r}")
-    lines += ["", "vs unpruned: prefill speed-up (unpruned time / pruned time) and peak memory "
-                  "ratio (pruned / unpruned); peak = tensors live during the prefill, weights "
-                  "included" + ("" if device.type == "cuda" else " (CPU: torch profiler)"),
+        pruned = row.keep is not None
+        cells = ["all" if not pruned else row.keep, row.sequence_length,
+                 len(row.core) if pruned else "-", len(row.kept) - len(row.core) if pruned else "-",
+                 f"{row.prefill_seconds * 1e3:.2f}",
+                 _ratio(base.prefill_seconds, row.prefill_seconds),
+                 _mib(row.peak_bytes), _mib(row.extra_bytes),
+                 _ratio(row.extra_bytes, base.extra_bytes)]
+        widths = (6, 7, 5, 5, 10, 11, 9, 9, 11)
+        lines.append(" ".join(f"{cell:>{w}}" for cell, w in zip(cells, widths))
+                     + f"  {row.text!r}")
+    profiler = "" if device.type == "cuda" else " (CPU: from the torch profiler's timeline)"
+    lines += ["", "vs unpruned: prefill speed-up (unpruned time / this time) and extra-memory "
+                  "ratio (this / unpruned). peak = tensors live during the prefill, weights "
+                  f"included; extra = peak minus weights and inputs{profiler}",
               f"overlay of the kept patches: {result.png}"]
     if result.grids_note:
         lines.append(f"  ({result.grids_note})")
     return "\n".join(lines)
+
+
+def _mib(size: Optional[int]) -> str:
+    return "n/a" if size is None else f"{size / 2**20:.1f}"
+
+
+def _ratio(numerator, denominator) -> str:
+    return "n/a" if numerator is None or not denominator else f"{numerator / denominator:.2f}x"
 
 
 def add_parser(commands) -> None:
@@ -291,7 +304,8 @@ def add_parser(commands) -> None:
                       help="visual tokens to keep per image, one budget each (default: 1/3, "
                            "2/9 and 1/9 of the image tokens: 192 128 64 for 576)")
     demo.add_argument("--ratio", type=float, default=0.5, help="relevance ratio in [0, 1] (0.5)")
-    demo.add_argument("--out", default="zspaprune_demo.png", help="overlay PNG (zspaprune_demo.png)")
+    demo.add_argument("--out", default="zspaprune_demo.png",
+                      help="overlay PNG to write (zspaprune_demo.png)")
     demo.add_argument("--max-new-tokens", type=int, default=12, help="generated tokens (12)")
     demo.add_argument("--repeat", type=int, default=5, help="timed prefill runs per budget (5)")
     demo.add_argument("--device", help="torch device (cuda if available, else cpu)")

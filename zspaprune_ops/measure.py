@@ -1,8 +1,8 @@
-"""Wall-clock medians and peak tensor memory of a callable, shared by the demo and the benchmarks."""
+"""Wall-clock medians and peak tensor memory of callables (shared by the demo and benchmarks)."""
 import contextlib
 import os
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -60,6 +60,14 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
         if device.type == "cpu":
             return _cpu_peak_bytes(fn)
     return None
+
+
+def resident_bytes(tensors: Iterable[torch.Tensor], device: torch.device) -> int:
+    """Bytes held before a measured call, to subtract from its peak: CUDA's allocated memory,
+    elsewhere the bytes of ``tensors`` (what the call reads: weights, inputs)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _cpu_peak_bytes(fn) -> Optional[int]:
