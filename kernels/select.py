@@ -50,11 +50,17 @@ REGISTER_BLOCKS = ((256, 4), (1024, 4), (4096, 8))
 """(block, num_warps) buckets of the Gram-mode launch 2: the block holds all N keys."""
 STREAM_BLOCK_N, STREAM_BLOCK_D, STREAM_WARPS = 64, 64, 4
 """Streaming-mode launch 2 tile: tokens x features per on-the-fly dot product chunk."""
+MAX_PARTS = 256
+"""Most programs per image in the cooperative streaming launch 2 (a power of two)."""
+COOPERATIVE = True
+"""Spread each image of the streaming launch 2 over several co-resident programs on CUDA.
+Unverified on a GPU so far; False gives one program per image (what the interpreter runs)."""
+_MAX_SPINS = tl.constexpr(1 << 26)
 
 
 @triton.jit
 def _row_stats(visual_ptr, prompt_ptr, pmask_ptr, vmask_ptr, inv_ptr, rel_ptr, fill_ptr,
-               ncore_ptr, b, tile_m, N, D, T, n_core,
+               ncore_ptr, sync_ptr, b, tile_m, N, D, T, n_core,
                s_vb, s_vn, s_pb, s_pt, s_pmb, s_pmt, s_vmb, s_vmn,
                HAS_PMASK: tl.constexpr, HAS_VMASK: tl.constexpr,
                BM: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr):
@@ -104,6 +110,7 @@ def _row_stats(visual_ptr, prompt_ptr, pmask_ptr, vmask_ptr, inv_ptr, rel_ptr, f
     tl.store(fill_ptr + out, fill, mask=in_rows)
     if tile_m == 0:
         tl.store(ncore_ptr + b, tl.where(count > 0, n_core, 0))
+        tl.store(sync_ptr + b, 0)  # launch 2's barrier counter starts at 0 on every call
 
 
 @triton.jit
@@ -166,20 +173,20 @@ def _gram_group(visual_ptr, vmask_ptr, gram_ptr, nearest_ptr, b, tile_m, group, 
 
 @triton.jit
 def _prepare_kernel(visual_ptr, prompt_ptr, pmask_ptr, vmask_ptr, inv_ptr, rel_ptr, fill_ptr,
-                    ncore_ptr, gram_ptr, nearest_ptr, N, D, T, n_core, tiles_per_group, n_groups,
+                    ncore_ptr, sync_ptr, gram_ptr, nearest_ptr, N, D, T, n_core, tiles_per_group, n_groups,
                     s_vb, s_vn, s_pb, s_pt, s_pmb, s_pmt, s_vmb, s_vmn,
                     HAS_PMASK: tl.constexpr, HAS_VMASK: tl.constexpr,
                     STORE_GRAM: tl.constexpr, NEED_NEAREST: tl.constexpr, DOT_FP32: tl.constexpr,
                     BM: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr):
     """Launch 1. Outputs (float32 unless said): inv [B, N], rel [B, N], fill [B, N],
-    ncore int32 [B]; gram [B, N, N] (raw dot products) if STORE_GRAM; nearest
+    ncore and sync int32 [B] (core size, zeroed barrier counter); gram [B, N, N] (raw dot products) if STORE_GRAM; nearest
     [B, n_groups, N] (largest cosine to another real token) if NEED_NEAREST."""
     tile_m = tl.program_id(0)
     job = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     if job == 0:
         _row_stats(visual_ptr, prompt_ptr, pmask_ptr, vmask_ptr, inv_ptr, rel_ptr, fill_ptr,
-                   ncore_ptr, b, tile_m, N, D, T, n_core,
+                   ncore_ptr, sync_ptr, b, tile_m, N, D, T, n_core,
                    s_vb, s_vn, s_pb, s_pt, s_pmb, s_pmt, s_vmb, s_vmn,
                    HAS_PMASK, HAS_VMASK, BM, BK, BT)
     else:
@@ -246,32 +253,70 @@ def _running_argmax(key, offs, best, best_index):
 
 
 @triton.jit
+def _grid_argmax(best, index, cand_val_ptr, cand_idx_ptr, sync_ptr, b, part, P, phase, failed,
+                 PMAX: tl.constexpr):
+    """Global (max, lowest index) over the P programs of image ``b``: each posts its candidate,
+    then waits until all P have posted for this phase (a spin on an atomic counter). With
+    P = 1 the wait ends at once (the only path Triton's interpreter can run). The spin is capped:
+    a grid that is not co-resident marks the row failed (-1 picks) instead of hanging."""
+    slot = (b * 2 + phase % 2) * PMAX  # two slots: a fast program never overwrites a live one
+    tl.store(cand_val_ptr + slot + part, best)
+    tl.store(cand_idx_ptr + slot + part, index)
+    tl.debug_barrier()
+    tl.atomic_add(sync_ptr + b, 1, sem="acq_rel", scope="gpu")
+    target = P * (phase + 1)
+    arrived = tl.atomic_add(sync_ptr + b, 0, sem="acquire", scope="gpu")
+    spins = 0
+    while (arrived < target) & (spins < _MAX_SPINS):
+        arrived = tl.atomic_add(sync_ptr + b, 0, sem="acquire", scope="gpu")
+        spins += 1
+    tl.debug_barrier()
+    parts = tl.arange(0, PMAX)
+    values = tl.load(cand_val_ptr + slot + parts, mask=parts < P, other=float("-inf"),
+                     volatile=True)
+    indices = tl.load(cand_idx_ptr + slot + parts, mask=parts < P, other=2147483647,
+                      volatile=True)
+    top = tl.max(values, axis=0)
+    return tl.min(tl.where(values == top, indices, 2147483647), axis=0), failed | (arrived < target)
+
+
+@triton.jit
 def _select_stream_kernel(visual_ptr, inv_ptr, rel_ptr, fill_ptr, nearest_ptr, ncore_ptr,
-                          out_ptr, N, D, keep, n_groups, s_vb, s_vn,
+                          sync_ptr, cand_val_ptr, cand_idx_ptr, out_ptr, N, D, keep, n_groups,
+                          P, slice_len, s_vb, s_vn,
                           NEED_NEAREST: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr):
-    """Launch 2 without a Gram scratch: one program per image; each step computes the chosen
-    token's cosines from the features and updates the keys kept in rel/fill [B, N]."""
-    b = tl.program_id(0).to(tl.int64)
+                          BLOCK_D: tl.constexpr, PMAX: tl.constexpr):
+    """Launch 2 without a Gram scratch, grid (P, B): program ``part`` of image ``b`` owns the
+    tokens [part * slice_len, (part + 1) * slice_len); each step it computes the chosen token's
+    cosines to them from the features, updates their keys in rel/fill [B, N] and joins the
+    image's grid-wide argmax. P > 1 needs all B * P programs resident at once (the glue sizes
+    the grid to the SM count)."""
+    part = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    lo = part * slice_len
+    hi = tl.minimum(lo + slice_len, N)
     n_core = tl.load(ncore_ptr + b)
+    failed = tl.full([], 0, tl.int1)
     best = tl.full([], float("-inf"), tl.float32)
     pick = tl.full([], 0, tl.int32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(lo, hi, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
-        inside = offs < N
+        inside = offs < hi
         rel = tl.load(rel_ptr + b * N + offs, mask=inside, other=float("-inf"))
         fill = tl.load(fill_ptr + b * N + offs, mask=inside, other=float("-inf"))
         key = _first_key(rel, fill, nearest_ptr, b, offs, inside, N, n_groups, n_core,
                          NEED_NEAREST)
         best, pick = _running_argmax(key, offs, best, pick)
+    pick, failed = _grid_argmax(best, pick, cand_val_ptr, cand_idx_ptr, sync_ptr, b, part, P, 0,
+                                failed, PMAX)
     for step in range(0, keep):
         pick_ptr = visual_ptr + b * s_vb + pick * s_vn
         inv_pick = tl.load(inv_ptr + b * N + pick)
         best = tl.full([], float("-inf"), tl.float32)
         next_pick = tl.full([], 0, tl.int32)
-        for n0 in range(0, N, BLOCK_N):
+        for n0 in range(lo, hi, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
-            inside = offs < N
+            inside = offs < hi
             dots = tl.zeros([BLOCK_N], tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 ds = d0 + tl.arange(0, BLOCK_D)
@@ -289,17 +334,23 @@ def _select_stream_kernel(visual_ptr, inv_ptr, rel_ptr, fill_ptr, nearest_ptr, n
             tl.store(fill_ptr + b * N + offs, fill, mask=inside)
             best, next_pick = _running_argmax(tl.where(step + 1 < n_core, rel, fill), offs,
                                               best, next_pick)
-        pick = next_pick
         tl.debug_barrier()  # the next step reads the keys this one stored
-    written = tl.full([], 0, tl.int32)
-    for n0 in range(0, N, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        inside = offs < N
-        chosen = inside & (tl.load(fill_ptr + b * N + offs, mask=inside, other=0.0)
-                           == float("-inf"))
-        position = written + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-        tl.store(out_ptr + b * keep + position, offs.to(tl.int64), mask=chosen)
-        written += tl.sum(chosen.to(tl.int32), axis=0)
+        pick, failed = _grid_argmax(best, next_pick, cand_val_ptr, cand_idx_ptr, sync_ptr, b,
+                                    part, P, step + 1, failed, PMAX)
+    # a last phase: every program's keys are stored before program 0 reads them all
+    _, failed = _grid_argmax(best, pick, cand_val_ptr, cand_idx_ptr, sync_ptr, b, part, P,
+                             keep + 1, failed, PMAX)
+    if part == 0:
+        written = tl.full([], 0, tl.int32)
+        for n0 in range(0, N, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            inside = offs < N
+            fill = tl.load(fill_ptr + b * N + offs, mask=inside, other=0.0, volatile=True)
+            chosen = inside & (fill == float("-inf"))
+            position = written + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+            tl.store(out_ptr + b * keep + position, tl.where(failed, -1, offs.to(tl.int64)),
+                     mask=chosen)
+            written += tl.sum(chosen.to(tl.int32), axis=0)
 
 
 def uses_gram(batch: int, n: int) -> bool:
@@ -313,20 +364,31 @@ def needs_first_pick(prompt_len: int, keep: int, relevance_ratio: float,
     return has_prompt_mask or prompt_len == 0 or core_size(keep, relevance_ratio) == 0
 
 
+def stream_parts(batch: int, n: int, device: torch.device) -> int:
+    """Programs per image of the streaming launch 2: all B * parts programs must be resident at
+    once for the grid-wide argmax, so at most one per SM (host-side query, no sync); 1 off CUDA
+    (Triton's interpreter runs programs one after another) or with ``COOPERATIVE`` off."""
+    if not COOPERATIVE or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(MAX_PARTS, sms // batch, triton.cdiv(n, STREAM_BLOCK_N)))
+
+
 def register_block(n: int):
     """(BLOCK, num_warps) of the Gram-mode launch 2 for N tokens."""
     return next((block, warps) for block, warps in REGISTER_BLOCKS if n <= block)
 
 
 def select_batched(visual, prompt, keep, relevance_ratio, prompt_mask=None, visual_mask=None,
-                   *, gram=None):
+                   *, gram=None, parts=None):
     """The selection on checked batched inputs, in two kernel launches; same contract as
     ``zspaprune_ops.reference.naive.select_batched``.
 
     visual [B, N, D] and prompt [B, T, D] (float16/bfloat16/float32; a feature stride other than 1
     costs a contiguous copy), masks bool
     [B, T] / [B, N] or None. Returns int64 [B, keep], ascending rows. ``gram`` forces (True) or
-    forbids (False) the [B, N, N] scratch; by default ``uses_gram`` decides. Extra memory:
+    forbids (False) the [B, N, N] scratch; by default ``uses_gram`` decides. ``parts``: programs
+    per image of the streaming launch 2 (default ``stream_parts``). Extra memory:
     3 float32 [B, N] keys, the Gram scratch if used, and [B, ceil(N / 2048), N] float32
     nearest-neighbour partials (``[B, ceil(N / 64), N]`` in Gram mode) when a row can start
     with DivPrune's pick.
@@ -338,7 +400,7 @@ def select_batched(visual, prompt, keep, relevance_ratio, prompt_mask=None, visu
     nearest_needed = needs_first_pick(T, keep, relevance_ratio, prompt_mask is not None)
     device = visual.device
     inv, rel, fill = torch.empty(3, B, N, device=device, dtype=torch.float32).unbind(0)
-    n_core = torch.empty(B, device=device, dtype=torch.int32)
+    n_core, sync = torch.empty(2, B, device=device, dtype=torch.int32).unbind(0)
     picks = torch.empty(B, keep, device=device, dtype=torch.int64)
     n_tiles = triton.cdiv(N, TILE)
     tiles_per_group = 1 if gram else NEAREST_GROUP_COLS // TILE
@@ -351,7 +413,7 @@ def select_batched(visual, prompt, keep, relevance_ratio, prompt_mask=None, visu
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
         _prepare_kernel[(n_tiles, 1 + n_groups, B)](
-            visual, prompt, pmask, vmask, inv, rel, fill, n_core, gram_scratch, nearest,
+            visual, prompt, pmask, vmask, inv, rel, fill, n_core, sync, gram_scratch, nearest,
             N, D, T, core_size(keep, relevance_ratio), tiles_per_group, n_groups,
             *visual.stride()[:2], *prompt.stride()[:2], *_strides(prompt_mask), *_strides(visual_mask),
             HAS_PMASK=prompt_mask is not None, HAS_VMASK=visual_mask is not None,
@@ -364,10 +426,15 @@ def select_batched(visual, prompt, keep, relevance_ratio, prompt_mask=None, visu
                                       N, keep, n_groups, NEED_NEAREST=nearest_needed,
                                       BLOCK=block, num_warps=warps)
         else:
-            _select_stream_kernel[(B,)](visual, inv, rel, fill, nearest, n_core, picks,
-                                        N, D, keep, n_groups, *visual.stride()[:2],
-                                        NEED_NEAREST=nearest_needed, BLOCK_N=STREAM_BLOCK_N,
-                                        BLOCK_D=STREAM_BLOCK_D, num_warps=STREAM_WARPS)
+            parts = stream_parts(B, N, device) if parts is None else parts
+            slice_len = triton.cdiv(triton.cdiv(N, parts), STREAM_BLOCK_N) * STREAM_BLOCK_N
+            cand_val = torch.empty(B, 2, MAX_PARTS, device=device, dtype=torch.float32)
+            cand_idx = torch.empty(B, 2, MAX_PARTS, device=device, dtype=torch.int32)
+            _select_stream_kernel[(parts, B)](
+                visual, inv, rel, fill, nearest, n_core, sync, cand_val, cand_idx, picks,
+                N, D, keep, n_groups, parts, slice_len, *visual.stride()[:2],
+                NEED_NEAREST=nearest_needed, BLOCK_N=STREAM_BLOCK_N, BLOCK_D=STREAM_BLOCK_D,
+                PMAX=MAX_PARTS, num_warps=STREAM_WARPS)
     return picks
 
 

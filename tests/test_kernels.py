@@ -195,3 +195,21 @@ def test_op_with_kernels_compiles_fullgraph(op_runs_kernels, dynamic):
     for seed, N in [(17, 21), (18, 26)]:
         args = make_case(seed, 2, N, 16, 4, prompt_padding=True, visual_padding=True)
         assert torch.equal(compiled(*args), prune(*args))
+
+
+def test_cooperative_grid_fits_the_gpu(monkeypatch):
+    """The streaming launch 2 spreads an image over at most one program per SM in total (they
+    must all be resident for the grid-wide argmax); 1 program per image off CUDA."""
+    from types import SimpleNamespace
+
+    from zspaprune_ops.kernels import select as module
+    assert module.stream_parts(8, 32768, torch.device("cpu")) == 1
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda")
+    assert module.stream_parts(8, 32768, cuda) == 16
+    assert module.stream_parts(1, 32768, cuda) == 132
+    assert module.stream_parts(200, 32768, cuda) == 1
+    assert module.stream_parts(1, 100, cuda) == 2  # never more parts than token blocks
+    monkeypatch.setattr(module, "COOPERATIVE", False)
+    assert module.stream_parts(8, 32768, cuda) == 1
