@@ -5,6 +5,7 @@ the model's own features, and the PNG pixel by pixel: every kept patch framed in
 no other patch framed.
 """
 import importlib
+import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -174,3 +175,13 @@ def test_bench_e2e_tiny_preset_records_rows(tmp_path, monkeypatch, capsys):
     assert len(recorded) == 1 and "e2e_prefill" in recorded[0].read_text()
     assert "recorded in" in capsys.readouterr().out
     sys.modules.pop("bench_e2e", None)
+
+
+def test_bundled_sample_image_is_the_drawing_script_output():
+    spec = importlib.util.spec_from_file_location(
+        "make_sample", demo.SAMPLE_IMAGE.parent / "make_sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    bundled = Image.open(demo.SAMPLE_IMAGE)
+    assert bundled.mode == "RGB" and demo.SAMPLE_IMAGE.stat().st_size < 50_000
+    assert list(bundled.getdata()) == list(module.draw_sample().getdata())

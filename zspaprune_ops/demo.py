@@ -93,7 +93,8 @@ def prompt_text(processor, prompt: str) -> str:
         conversation = [{"role": "user", "content": [{"type": "image"},
                                                      {"type": "text", "text": prompt}]}]
         return processor.apply_chat_template(conversation, add_generation_prompt=True)
-    return f"USER: {processor.image_token}\n{prompt} ASSISTANT:"
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    return f"USER: {image_token}\n{prompt} ASSISTANT:"
 
 
 @dataclass
@@ -262,8 +263,8 @@ def report(result: DemoResult, relevance_ratio: float, device: torch.device, rep
              "generated text"]
     base = result.rows[0]
     for row in result.rows:
-        pruned = row.keep is not None
-        cells = ["all" if not pruned else row.keep, row.sequence_length,
+        pruned = row.keep is not None and row.keep < result.image_tokens  # selection ran
+        cells = ["all" if row.keep is None else row.keep, row.sequence_length,
                  len(row.core) if pruned else "-", len(row.kept) - len(row.core) if pruned else "-",
                  f"{row.prefill_seconds * 1e3:.2f}",
                  _ratio(base.prefill_seconds, row.prefill_seconds),
@@ -280,6 +281,12 @@ def report(result: DemoResult, relevance_ratio: float, device: torch.device, rep
     if result.grids_note:
         lines.append(f"  ({result.grids_note})")
     return "\n".join(lines)
+
+
+def _budget_label(row: BudgetResult, image_tokens: int) -> str:
+    if row.keep >= image_tokens:
+        return f"keep {row.keep} (all: no selection)"
+    return f"keep {row.keep} (core {len(row.core)}, fill {len(row.kept) - len(row.core)})"
 
 
 def _mib(size: Optional[int]) -> str:
@@ -338,9 +345,7 @@ def main(args: argparse.Namespace) -> DemoResult:
                              args.max_new_tokens, args.repeat, device, dtype)
     grids, grids_note = token_grids(model.config, processor.image_processor, image.size,
                                     image_tokens)
-    budgets = [Budget(f"keep {row.keep} (core {len(row.core)}, fill "
-                      f"{len(row.kept) - len(row.core)})", row.kept, row.core)
-               for row in rows[1:]]
+    budgets = [Budget(_budget_label(row, image_tokens), row.kept, row.core) for row in rows[1:]]
     png = Path(args.out)
     png.parent.mkdir(parents=True, exist_ok=True)
     draw_overlay(image, grids, budgets).save(png)
