@@ -34,7 +34,7 @@ def configurations():
         for nearest in (False, True):
             configs.append((f"stream {dtype} nearest={nearest}", "_select_stream_kernel",
                             _signature(k._select_stream_kernel, {
-                                "visual_ptr": f"*{short}", "ncore_ptr": "*i32", "sync_ptr": "*i32",
+                                "visual_ptr": f"*{short}", "counts_ptr": "*i32",
                                 "cand_idx_ptr": "*i32"}),
                             {"NEED_NEAREST": nearest, "BLOCK_N": k.STREAM_BLOCK_N,
                              "BLOCK_D": k.STREAM_BLOCK_D, "PMAX": k.MAX_PARTS}, k.STREAM_WARPS))
@@ -42,7 +42,7 @@ def configurations():
     for block, warps in k.REGISTER_BLOCKS:
         for nearest in (False, True):
             configs.append((f"gram-select block={block} nearest={nearest}", "_select_gram_kernel",
-                            _signature(k._select_gram_kernel, {"ncore_ptr": "*i32"}),
+                            _signature(k._select_gram_kernel, {"counts_ptr": "*i32"}),
                             {"NEED_NEAREST": nearest, "BLOCK": block}, warps))
     return configs
 
@@ -53,7 +53,7 @@ def _prepare(k, visual, prompt, pmask, vmask, gram, nearest):
     signature = _signature(k._prepare_kernel, {
         "visual_ptr": f"*{visual}", "prompt_ptr": f"*{prompt}",
         "pmask_ptr": "*i1" if pmask else "*fp32", "vmask_ptr": "*i1" if vmask else "*fp32",
-        "ncore_ptr": "*i32", "sync_ptr": "*i32"})
+        "counts_ptr": "*i32"})
     constexprs = {"HAS_PMASK": pmask, "HAS_VMASK": vmask, "STORE_GRAM": gram,
                   "NEED_NEAREST": nearest, "DOT_FP32": False, "BM": k.TILE,
                   "BK": k.tile_k(_TORCH[visual]), "BT": k.PROMPT_ROWS}

@@ -38,6 +38,9 @@ def tile_k(dtype: torch.dtype) -> int:
     keeps their tiles in registers."""
     return 32 if dtype == torch.float32 else 64
 
+SPLIT_FEATURES, MAX_SPLITS = 512, 16
+"""Launch 1 splits the row statistics over the features (partial sums, added by launch 2), so
+no program walks all D features times all T prompt tokens alone."""
 PROMPT_ROWS = 32
 """Prompt tokens summed per chunk by the row-statistics job."""
 GRAM_MAX_N = 4096
@@ -59,18 +62,22 @@ _MAX_SPINS = tl.constexpr(1 << 26)
 
 
 @triton.jit
-def _row_stats(visual_ptr, prompt_ptr, pmask_ptr, vmask_ptr, inv_ptr, rel_ptr, fill_ptr,
-               ncore_ptr, sync_ptr, b, tile_m, N, D, T, n_core,
+def _row_stats(visual_ptr, prompt_ptr, pmask_ptr, vmask_ptr, part_ptr, psq_ptr, fill_ptr,
+               counts_ptr, b, B, tile_m, split, n_splits, split_len, N, D, T, n_core,
                s_vb, s_vn, s_pb, s_pt, s_pmb, s_pmt, s_vmb, s_vmn,
                HAS_PMASK: tl.constexpr, HAS_VMASK: tl.constexpr,
                BM: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr):
+    """Partial sums over one feature split: squared norms and dot products with the sum of
+    the real prompt tokens per row, the prompt sum's squared norm; split 0 also seeds the fill
+    key (0 real, PADDING padded) and, in row tile 0, the row's counters."""
     rows = tile_m * BM + tl.arange(0, BM)
     in_rows = rows < N
     row_ptr = visual_ptr + b * s_vb + rows[:, None] * s_vn
     squares = tl.zeros([BM], tl.float32)
-    dots = tl.zeros([BM], tl.float32)  # v_i . (sum of the real prompt tokens)
+    dots = tl.zeros([BM], tl.float32)
     prompt_squares = tl.zeros([BK], tl.float32)
-    for k0 in range(0, D, BK):
+    first = split * split_len
+    for k0 in range(first, tl.minimum(first + split_len, D), BK):
         ks = k0 + tl.arange(0, BK)
         in_k = ks < D
         v = tl.load(row_ptr + ks[None, :], mask=in_rows[:, None] & in_k[None, :],
@@ -85,32 +92,52 @@ def _row_stats(visual_ptr, prompt_ptr, pmask_ptr, vmask_ptr, inv_ptr, rel_ptr, f
             prompt_sum += tl.sum(p, axis=0)
         dots += tl.sum(v * prompt_sum[None, :], axis=1)
         prompt_squares += prompt_sum * prompt_sum
-    count = tl.full([], 0, tl.int32)
-    for t0 in range(0, T, BT):
-        count += tl.sum(_prompt_real(pmask_ptr, b, t0, T, s_pmb, s_pmt, HAS_PMASK, BT).to(tl.int32))
+    tl.store(part_ptr + ((b * 2) * n_splits + split) * N + rows, squares, mask=in_rows)
+    tl.store(part_ptr + ((b * 2 + 1) * n_splits + split) * N + rows, dots, mask=in_rows)
+    if tile_m == 0:
+        tl.store(psq_ptr + b * n_splits + split, tl.sum(prompt_squares, axis=0))
+    if split == 0:
+        real = in_rows
+        if HAS_VMASK:
+            real &= tl.load(vmask_ptr + b * s_vmb + rows * s_vmn, mask=in_rows, other=0) != 0
+        tl.store(fill_ptr + b * N + rows, tl.where(real, 0.0, _PADDING), mask=in_rows)
+        if tile_m == 0:
+            count = tl.full([], 0, tl.int32)
+            for t0 in range(0, T, BT):
+                count += tl.sum(
+                    _prompt_real(pmask_ptr, b, t0, T, s_pmb, s_pmt, HAS_PMASK, BT).to(tl.int32))
+            tl.store(counts_ptr + b, tl.where(count > 0, n_core, 0))  # the row's core size
+            tl.store(counts_ptr + B + b, 0)  # launch 2's barrier counter, zeroed every call
+            tl.store(counts_ptr + 2 * B + b, count)  # real prompt tokens
 
+
+@triton.jit
+def _token_keys(part_ptr, psq_ptr, counts_ptr, fill_ptr, b, B, offs, inside, N, n_splits):
+    """Launch 1's partial sums -> per token: inverse norm, relevance key and fill key (the
+    rule's sentinels; -inf outside [0, N))."""
+    squares = tl.zeros(offs.shape, tl.float32)
+    dots = tl.zeros(offs.shape, tl.float32)
+    prompt_squares = tl.zeros([], tl.float32)
+    for j in range(0, n_splits):
+        squares += tl.load(part_ptr + ((b * 2) * n_splits + j) * N + offs, mask=inside, other=0.0)
+        dots += tl.load(part_ptr + ((b * 2 + 1) * n_splits + j) * N + offs, mask=inside,
+                        other=0.0)
+        prompt_squares += tl.load(psq_ptr + b * n_splits + j)
+    real = inside & (tl.load(fill_ptr + b * N + offs, mask=inside, other=_PADDING) == 0.0)
     norm = tl.sqrt(squares)
     inv = 1.0 / tl.where(norm < _EPS, _EPS, norm)  # a NaN norm stays NaN
     scorable = norm < float("inf")  # False for NaN and Inf norms
-    real = in_rows
-    if HAS_VMASK:
-        real &= tl.load(vmask_ptr + b * s_vmb + rows * s_vmn, mask=in_rows, other=0) != 0
     # relevance = v_hat . p_hat with p_hat = mean / max(|mean|, eps), mean = sum / count
-    count_f = tl.maximum(count, 1).to(tl.float32)
-    mean_norm = tl.sqrt(tl.sum(prompt_squares, axis=0)) / count_f
-    relevance = dots * inv / (count_f * tl.where(mean_norm < _EPS, _EPS, mean_norm))
+    count = tl.maximum(tl.load(counts_ptr + 2 * B + b), 1).to(tl.float32)
+    mean_norm = tl.sqrt(prompt_squares) / count
+    relevance = dots * inv / (count * tl.where(mean_norm < _EPS, _EPS, mean_norm))
     # keep overflowed scores off the sentinels (only features beyond ~1e19 get here)
     relevance = tl.minimum(tl.maximum(relevance, -1.5), 1.5)
     relevance = tl.where(scorable & (relevance == relevance), relevance, _DEMOTED)
     relevance = tl.where(real, relevance, _PADDING)
     fill = tl.where(real, tl.where(scorable, float("inf"), _DEMOTED), _PADDING)
-    out = b * N + rows
-    tl.store(inv_ptr + out, inv, mask=in_rows)
-    tl.store(rel_ptr + out, relevance, mask=in_rows)
-    tl.store(fill_ptr + out, fill, mask=in_rows)
-    if tile_m == 0:
-        tl.store(ncore_ptr + b, tl.where(count > 0, n_core, 0))
-        tl.store(sync_ptr + b, 0)  # launch 2's barrier counter starts at 0 on every call
+    return (inv, tl.where(inside, relevance, float("-inf")),
+            tl.where(inside, fill, float("-inf")))
 
 
 @triton.jit
@@ -172,26 +199,29 @@ def _gram_group(visual_ptr, vmask_ptr, gram_ptr, nearest_ptr, b, tile_m, group, 
 
 
 @triton.jit
-def _prepare_kernel(visual_ptr, prompt_ptr, pmask_ptr, vmask_ptr, inv_ptr, rel_ptr, fill_ptr,
-                    ncore_ptr, sync_ptr, gram_ptr, nearest_ptr, N, D, T, n_core, tiles_per_group, n_groups,
+def _prepare_kernel(visual_ptr, prompt_ptr, pmask_ptr, vmask_ptr, part_ptr, psq_ptr, fill_ptr,
+                    counts_ptr, gram_ptr, nearest_ptr, B, N, D, T, n_core, n_splits, split_len,
+                    tiles_per_group, n_groups,
                     s_vb, s_vn, s_pb, s_pt, s_pmb, s_pmt, s_vmb, s_vmn,
                     HAS_PMASK: tl.constexpr, HAS_VMASK: tl.constexpr,
                     STORE_GRAM: tl.constexpr, NEED_NEAREST: tl.constexpr, DOT_FP32: tl.constexpr,
                     BM: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr):
-    """Launch 1. Outputs (float32 unless said): inv [B, N], rel [B, N], fill [B, N],
-    ncore and sync int32 [B] (core size, zeroed barrier counter); gram [B, N, N] (raw dot products) if STORE_GRAM; nearest
-    [B, n_groups, N] (largest cosine to another real token) if NEED_NEAREST."""
+    """Launch 1, grid (row tiles, n_splits + n_groups, B). Outputs (float32 unless said):
+    part [B, 2, n_splits, N] (squared norms, dots with the prompt sum), psq [B, n_splits],
+    fill [B, N] seeded 0 / PADDING, counts int32 [3, B] (core size, zeroed barrier counter,
+    real prompt tokens); gram [B, N, N] raw dot products if STORE_GRAM; nearest
+    [B, n_groups, N], the largest cosine to another real token, if NEED_NEAREST."""
     tile_m = tl.program_id(0)
     job = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    if job == 0:
-        _row_stats(visual_ptr, prompt_ptr, pmask_ptr, vmask_ptr, inv_ptr, rel_ptr, fill_ptr,
-                   ncore_ptr, sync_ptr, b, tile_m, N, D, T, n_core,
+    if job < n_splits:
+        _row_stats(visual_ptr, prompt_ptr, pmask_ptr, vmask_ptr, part_ptr, psq_ptr, fill_ptr,
+                   counts_ptr, b, B, tile_m, job, n_splits, split_len, N, D, T, n_core,
                    s_vb, s_vn, s_pb, s_pt, s_pmb, s_pmt, s_vmb, s_vmn,
                    HAS_PMASK, HAS_VMASK, BM, BK, BT)
     else:
-        _gram_group(visual_ptr, vmask_ptr, gram_ptr, nearest_ptr, b, tile_m, job - 1, N, D,
-                    tiles_per_group, n_groups, s_vb, s_vn, s_vmb, s_vmn,
+        _gram_group(visual_ptr, vmask_ptr, gram_ptr, nearest_ptr, b, tile_m, job - n_splits, N,
+                    D, tiles_per_group, n_groups, s_vb, s_vn, s_vmb, s_vmn,
                     HAS_VMASK, STORE_GRAM, NEED_NEAREST, DOT_FP32, BM, BK)
 
 
@@ -221,21 +251,31 @@ def _update(rel, fill, offs, pick, distance):
 
 
 @triton.jit
-def _select_gram_kernel(gram_ptr, inv_ptr, rel_ptr, fill_ptr, nearest_ptr, ncore_ptr, out_ptr,
-                        N, keep, n_groups, NEED_NEAREST: tl.constexpr, BLOCK: tl.constexpr):
+def _pick_inverse_norm(part_ptr, b, pick, N, n_splits):
+    """The inverse norm of token ``pick``, summed from launch 1's partials like _token_keys."""
+    squares = tl.zeros([], tl.float32)
+    for j in range(0, n_splits):
+        squares += tl.load(part_ptr + ((b * 2) * n_splits + j) * N + pick)
+    norm = tl.sqrt(squares)
+    return 1.0 / tl.where(norm < _EPS, _EPS, norm)
+
+
+@triton.jit
+def _select_gram_kernel(gram_ptr, part_ptr, psq_ptr, counts_ptr, fill_ptr, nearest_ptr, out_ptr,
+                        B, N, keep, n_splits, n_groups, NEED_NEAREST: tl.constexpr,
+                        BLOCK: tl.constexpr):
     """Launch 2 with the Gram scratch: one program per image, all N keys in registers."""
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     inside = offs < N
-    inv = tl.load(inv_ptr + b * N + offs, mask=inside, other=0.0)
-    rel = tl.load(rel_ptr + b * N + offs, mask=inside, other=float("-inf"))
-    fill = tl.load(fill_ptr + b * N + offs, mask=inside, other=float("-inf"))
-    n_core = tl.load(ncore_ptr + b)
+    inv, rel, fill = _token_keys(part_ptr, psq_ptr, counts_ptr, fill_ptr, b, B, offs, inside, N,
+                                 n_splits)
+    n_core = tl.load(counts_ptr + b)
     key = _first_key(rel, fill, nearest_ptr, b, offs, inside, N, n_groups, n_core, NEED_NEAREST)
     pick = tl.argmax(key, axis=0)
     for step in range(0, keep):
         row = tl.load(gram_ptr + (b * N + pick) * N + offs, mask=inside, other=0.0)
-        inv_pick = tl.load(inv_ptr + b * N + pick)
+        inv_pick = _pick_inverse_norm(part_ptr, b, pick, N, n_splits)
         rel, fill = _update(rel, fill, offs, pick, 1.0 - row * inv_pick * inv)
         pick = tl.argmax(tl.where(step + 1 < n_core, rel, fill), axis=0)
     chosen = inside & (fill == float("-inf"))
@@ -281,9 +321,9 @@ def _grid_argmax(best, index, cand_val_ptr, cand_idx_ptr, sync_ptr, b, part, P, 
 
 
 @triton.jit
-def _select_stream_kernel(visual_ptr, inv_ptr, rel_ptr, fill_ptr, nearest_ptr, ncore_ptr,
-                          sync_ptr, cand_val_ptr, cand_idx_ptr, out_ptr, N, D, keep, n_groups,
-                          P, slice_len, s_vb, s_vn,
+def _select_stream_kernel(visual_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, rel_ptr,
+                          fill_ptr, nearest_ptr, cand_val_ptr, cand_idx_ptr, out_ptr, B, N, D,
+                          keep, n_splits, n_groups, P, slice_len, s_vb, s_vn,
                           NEED_NEAREST: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr, PMAX: tl.constexpr):
     """Launch 2 without a Gram scratch, grid (P, B): program ``part`` of image ``b`` owns the
@@ -295,23 +335,28 @@ def _select_stream_kernel(visual_ptr, inv_ptr, rel_ptr, fill_ptr, nearest_ptr, n
     b = tl.program_id(1).to(tl.int64)
     lo = part * slice_len
     hi = tl.minimum(lo + slice_len, N)
-    n_core = tl.load(ncore_ptr + b)
+    n_core = tl.load(counts_ptr + b)
+    sync_ptr = counts_ptr + B
     failed = tl.full([], 0, tl.int1)
     best = tl.full([], float("-inf"), tl.float32)
     pick = tl.full([], 0, tl.int32)
     for n0 in range(lo, hi, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
         inside = offs < hi
-        rel = tl.load(rel_ptr + b * N + offs, mask=inside, other=float("-inf"))
-        fill = tl.load(fill_ptr + b * N + offs, mask=inside, other=float("-inf"))
+        inv, rel, fill = _token_keys(part_ptr, psq_ptr, counts_ptr, fill_ptr, b, B, offs, inside,
+                                     N, n_splits)
+        tl.store(inv_ptr + b * N + offs, inv, mask=inside)
+        tl.store(rel_ptr + b * N + offs, rel, mask=inside)
+        tl.store(fill_ptr + b * N + offs, fill, mask=inside)
         key = _first_key(rel, fill, nearest_ptr, b, offs, inside, N, n_groups, n_core,
                          NEED_NEAREST)
         best, pick = _running_argmax(key, offs, best, pick)
+    tl.debug_barrier()  # the steps read the keys stored above
     pick, failed = _grid_argmax(best, pick, cand_val_ptr, cand_idx_ptr, sync_ptr, b, part, P, 0,
                                 failed, PMAX)
     for step in range(0, keep):
         pick_ptr = visual_ptr + b * s_vb + pick * s_vn
-        inv_pick = tl.load(inv_ptr + b * N + pick)
+        inv_pick = _pick_inverse_norm(part_ptr, b, pick, N, n_splits)
         best = tl.full([], float("-inf"), tl.float32)
         next_pick = tl.full([], 0, tl.int32)
         for n0 in range(lo, hi, BLOCK_N):
@@ -384,58 +429,72 @@ def select_batched(visual, prompt, keep, relevance_ratio, prompt_mask=None, visu
     """The selection on checked batched inputs, in two kernel launches; same contract as
     ``zspaprune_ops.reference.naive.select_batched``.
 
-    visual [B, N, D] and prompt [B, T, D] (float16/bfloat16/float32; a feature stride other than 1
-    costs a contiguous copy), masks bool
-    [B, T] / [B, N] or None. Returns int64 [B, keep], ascending rows. ``gram`` forces (True) or
-    forbids (False) the [B, N, N] scratch; by default ``uses_gram`` decides. ``parts``: programs
-    per image of the streaming launch 2 (default ``stream_parts``). Extra memory:
-    3 float32 [B, N] keys, the Gram scratch if used, and [B, ceil(N / 2048), N] float32
-    nearest-neighbour partials (``[B, ceil(N / 64), N]`` in Gram mode) when a row can start
-    with DivPrune's pick.
+    visual [B, N, D] and prompt [B, T, D] (float16/bfloat16/float32; a feature stride other
+    than 1 costs a contiguous copy), masks bool [B, T] / [B, N] or None. Returns int64
+    [B, keep], ascending rows. ``gram`` forces (True) or forbids (False) the [B, N, N] scratch
+    (default: ``uses_gram``); ``parts``: programs per image of the streaming launch 2 (default:
+    ``stream_parts``). Extra memory, float32: [B, N] x (3 + 2 * feature splits) for keys and
+    partial sums, the Gram scratch if used, and [B, ceil(N / 2048), N] nearest-neighbour maxima
+    ([B, ceil(N / 64), N] in Gram mode) when a row can start with DivPrune's pick.
     """
     visual, prompt = _rows_contiguous(visual), _rows_contiguous(prompt)
     B, N, D = visual.shape
     T = prompt.shape[1]
     gram = uses_gram(B, N) if gram is None else gram
     nearest_needed = needs_first_pick(T, keep, relevance_ratio, prompt_mask is not None)
-    device = visual.device
-    inv, rel, fill = torch.empty(3, B, N, device=device, dtype=torch.float32).unbind(0)
-    n_core, sync = torch.empty(2, B, device=device, dtype=torch.int32).unbind(0)
-    picks = torch.empty(B, keep, device=device, dtype=torch.int64)
+    n_splits, split_len = feature_splits(D, tile_k(visual.dtype))
     n_tiles = triton.cdiv(N, TILE)
     tiles_per_group = 1 if gram else NEAREST_GROUP_COLS // TILE
     n_groups = triton.cdiv(n_tiles, tiles_per_group) if gram or nearest_needed else 0
-    gram_scratch = torch.empty(B, N, N, device=device, dtype=torch.float32) if gram else inv
-    nearest = (torch.empty(B, n_groups, N, device=device, dtype=torch.float32)
-               if nearest_needed else inv)
-    pmask = prompt_mask if prompt_mask is not None else inv
-    vmask = visual_mask if visual_mask is not None else inv
+
+    device = visual.device
+    f32 = dict(device=device, dtype=torch.float32)
+    inv, rel, fill = torch.empty(3, B, N, **f32).unbind(0)
+    part = torch.empty(B, 2, n_splits, N, **f32)
+    psq = torch.empty(B, n_splits, **f32)
+    counts = torch.empty(3, B, device=device, dtype=torch.int32)
+    picks = torch.empty(B, keep, device=device, dtype=torch.int64)
+    gram_scratch = torch.empty(B, N, N, **f32) if gram else inv
+    nearest = torch.empty(B, n_groups, N, **f32) if nearest_needed else inv
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        _prepare_kernel[(n_tiles, 1 + n_groups, B)](
-            visual, prompt, pmask, vmask, inv, rel, fill, n_core, sync, gram_scratch, nearest,
-            N, D, T, core_size(keep, relevance_ratio), tiles_per_group, n_groups,
-            *visual.stride()[:2], *prompt.stride()[:2], *_strides(prompt_mask), *_strides(visual_mask),
+        _prepare_kernel[(n_tiles, n_splits + n_groups, B)](
+            visual, prompt, _or(prompt_mask, inv), _or(visual_mask, inv), part, psq, fill,
+            counts, gram_scratch, nearest, B, N, D, T, core_size(keep, relevance_ratio),
+            n_splits, split_len, tiles_per_group, n_groups, *visual.stride()[:2],
+            *prompt.stride()[:2], *_strides(prompt_mask), *_strides(visual_mask),
             HAS_PMASK=prompt_mask is not None, HAS_VMASK=visual_mask is not None,
             STORE_GRAM=gram, NEED_NEAREST=nearest_needed,
-            DOT_FP32=visual.dtype == torch.bfloat16 and _interpreted(), BM=TILE, BK=tile_k(visual.dtype),
-            BT=PROMPT_ROWS, num_warps=PREPARE_WARPS)
+            DOT_FP32=visual.dtype == torch.bfloat16 and _interpreted(), BM=TILE,
+            BK=tile_k(visual.dtype), BT=PROMPT_ROWS, num_warps=PREPARE_WARPS)
         if gram:
             block, warps = register_block(N)
-            _select_gram_kernel[(B,)](gram_scratch, inv, rel, fill, nearest, n_core, picks,
-                                      N, keep, n_groups, NEED_NEAREST=nearest_needed,
-                                      BLOCK=block, num_warps=warps)
+            _select_gram_kernel[(B,)](gram_scratch, part, psq, counts, fill, nearest, picks,
+                                      B, N, keep, n_splits, n_groups,
+                                      NEED_NEAREST=nearest_needed, BLOCK=block, num_warps=warps)
         else:
             parts = stream_parts(B, N, device) if parts is None else parts
             slice_len = triton.cdiv(triton.cdiv(N, parts), STREAM_BLOCK_N) * STREAM_BLOCK_N
-            cand_val = torch.empty(B, 2, MAX_PARTS, device=device, dtype=torch.float32)
+            cand_val = torch.empty(B, 2, MAX_PARTS, **f32)
             cand_idx = torch.empty(B, 2, MAX_PARTS, device=device, dtype=torch.int32)
             _select_stream_kernel[(parts, B)](
-                visual, inv, rel, fill, nearest, n_core, sync, cand_val, cand_idx, picks,
-                N, D, keep, n_groups, parts, slice_len, *visual.stride()[:2],
+                visual, part, psq, counts, inv, rel, fill, nearest, cand_val, cand_idx, picks,
+                B, N, D, keep, n_splits, n_groups, parts, slice_len, *visual.stride()[:2],
                 NEED_NEAREST=nearest_needed, BLOCK_N=STREAM_BLOCK_N, BLOCK_D=STREAM_BLOCK_D,
                 PMAX=MAX_PARTS, num_warps=STREAM_WARPS)
     return picks
+
+
+def feature_splits(d: int, chunk: int):
+    """(splits, features per split) of launch 1's row statistics: about SPLIT_FEATURES each,
+    a multiple of ``chunk``, at most MAX_SPLITS splits."""
+    splits = min(MAX_SPLITS, triton.cdiv(d, SPLIT_FEATURES))
+    length = triton.cdiv(triton.cdiv(d, splits), chunk) * chunk
+    return triton.cdiv(d, length), length
+
+
+def _or(mask, dummy):
+    return mask if mask is not None else dummy
 
 
 def _interpreted() -> bool:

@@ -70,6 +70,7 @@ CASES = [  # seed, B, N, D, T, keep, ratio, case options
     (3, 2, 100, 64, 9, 100, 0.3, dict(prompt_padding=True)),  # keep = N
     (4, 2, 70, 40, 40, 7, 1.0, dict(duplicates=True)),  # D and T over several chunks
     (5, 1, 130, 24, 3, 20, 0.25, dict(visual_padding=True, prompt_padding=True)),  # 3 tiles
+    (6, 2, 20, 1100, 3, 6, 0.5, dict(zeros=True)),  # launch 1 splits the features in 3
 ]
 
 
