@@ -85,6 +85,19 @@ def test_matches_reference(case, dtype, gram):
 
 
 @MODES
+@pytest.mark.parametrize("N, D, keep, ratio, dtype", [(300, 32, 40, 0.5, torch.float16),
+                                                      (1100, 16, 12, 0.0, torch.bfloat16)])
+def test_larger_register_blocks_and_column_groups(N, D, keep, ratio, dtype, gram, monkeypatch):
+    """Gram launch 2 with 1024 / 4096-token blocks; streaming launch 1 with several column
+    groups for the nearest-neighbour maxima (groups shrunk to 128 columns)."""
+    from zspaprune_ops.kernels import select as module
+    monkeypatch.setattr(module, "NEAREST_GROUP_COLS", 128)
+    visual, prompt, _, visual_mask = make_case(N, 1, N, D, 7, dtype, visual_padding=True,
+                                               duplicates=True)
+    check(visual, prompt, keep, ratio, None, visual_mask, gram=gram)
+
+
+@MODES
 @pytest.mark.parametrize("D", [1, 6])
 def test_exact_ties_go_to_the_lower_index(gram, D):
     """Power-of-two multiples of basis vectors: every cosine is exactly 0 or +-1 in any
