@@ -20,7 +20,7 @@ from transformers import AutoProcessor  # noqa: E402
 from zspaprune_ops import demo  # noqa: E402
 from zspaprune_ops.cli import build_parser  # noqa: E402
 from zspaprune_ops.llava import ZSPAPruneLlava  # noqa: E402
-from zspaprune_ops.overlay import CORE_COLOUR, FILL_COLOUR, Layout  # noqa: E402
+from zspaprune_ops.overlay import CORE_COLOUR, FILL_COLOUR, Layout, token_grids  # noqa: E402
 from zspaprune_ops.reference import naive  # noqa: E402
 from zspaprune_ops.rule import core_size  # noqa: E402
 from zspaprune_ops.tiny_llava import build_tiny_llava  # noqa: E402
@@ -78,7 +78,7 @@ def expected_cells(grid, kept, core):
 
 
 def check_png(result, model, processor, image):
-    grids, _ = demo.token_grids(model.config, processor.image_processor, image.size,
+    grids, _ = token_grids(model.config, processor.image_processor, image.size,
                                 result.image_tokens)
     png = Image.open(result.png).convert("RGB")
     pruned = result.rows[1:]

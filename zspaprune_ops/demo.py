@@ -184,73 +184,6 @@ def relevance_core(model, inputs: dict, keep: int, relevance_ratio: float,
     return core
 
 
-def token_grids(config, image_processor, image_size, image_tokens: int):
-    """(grids, note): where each image token sits on the original image.
-
-    LLaVA-1.5: one grid over the processor's centre crop. LLaVA-NeXT: the base grid (the whole
-    image resized to one tile) and the high-resolution grid (the AnyRes tiles after unpadding,
-    each row followed by an image-newline token, which is not drawn).
-    """
-    from zspaprune_ops.overlay import TokenGrid
-
-    vision = config.vision_config
-    side = vision.image_size // vision.patch_size
-    width, height = image_size
-    cls_offset = 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0
-    if not hasattr(config, "image_grid_pinpoints"):
-        grid = TokenGrid("", _crop_box(width, height, image_processor), side, side, cls_offset)
-        note = "" if cls_offset == 0 else "token 0 is the CLS token (not drawn)"
-        return [grid], note
-    whole = (0, 0, width, height)
-    base = TokenGrid("base grid", whole, side, side, cls_offset)
-    high_res = _anyres_shape(config, (height, width), side)
-    offset = cls_offset + side * side
-    if high_res is None or offset + high_res[0] * (high_res[1] + 1) != image_tokens:
-        return [base], "only the base grid is drawn (the AnyRes layout did not match the tokens)"
-    rows, cols = high_res
-    grid = TokenGrid("high-res grid", whole, rows, cols, offset, row_stride=cols + 1)
-    return [base, grid], f"image-newline tokens (one per high-res row, {rows}) are not drawn"
-
-
-def _anyres_shape(config, image_hw, side: int):
-    """(rows, cols) of LLaVA-NeXT's unpadded high-resolution token grid, as the model packs it."""
-    try:
-        from transformers.models.llava_next.modeling_llava_next import (
-            get_anyres_image_grid_shape, unpad_image)
-    except ImportError:
-        return None
-    tiles_h, tiles_w = get_anyres_image_grid_shape(list(image_hw), config.image_grid_pinpoints,
-                                                   config.vision_config.image_size)
-    unpadded = unpad_image(torch.empty(1, tiles_h * side, tiles_w * side), list(image_hw))
-    return tuple(unpadded.shape[1:])
-
-
-def _crop_box(width: int, height: int, image_processor) -> tuple:
-    """The original-image pixels a CLIP-style processor keeps: resize, then centre crop."""
-    size = _size_dict(getattr(image_processor, "size", None))
-    crop = _size_dict(getattr(image_processor, "crop_size", None))
-    scale_x = scale_y = 1.0
-    if getattr(image_processor, "do_resize", True) and size.get("shortest_edge"):
-        scale_x = scale_y = size["shortest_edge"] / min(width, height)
-    elif getattr(image_processor, "do_resize", True) and size.get("height"):
-        scale_x, scale_y = size["width"] / width, size["height"] / height
-    if not (getattr(image_processor, "do_center_crop", False) and crop.get("height")):
-        return (0, 0, width, height)
-    left = (width * scale_x - crop["width"]) / 2 / scale_x
-    top = (height * scale_y - crop["height"]) / 2 / scale_y
-    return (round(left), round(top), round(left + crop["width"] / scale_x),
-            round(top + crop["height"] / scale_y))
-
-
-def _size_dict(size) -> dict:
-    if size is None:
-        return {}
-    if isinstance(size, dict):
-        return {k: v for k, v in size.items() if v is not None}
-    return {k: getattr(size, k) for k in ("shortest_edge", "height", "width")
-            if getattr(size, k, None) is not None}
-
-
 def report(result: DemoResult, relevance_ratio: float, device: torch.device, repeat: int) -> str:
     """The printed table: one line per budget, the unpruned model first."""
     lines = [result.model_note,
@@ -327,7 +260,7 @@ def main(args: argparse.Namespace) -> DemoResult:
     """Run the demo for parsed ``args``; prints the table, writes the PNG, returns the result."""
     from PIL import Image
 
-    from zspaprune_ops.overlay import Budget, draw_overlay
+    from zspaprune_ops.overlay import Budget, draw_overlay, token_grids
 
     _check_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -1,12 +1,13 @@
 """Draw which visual tokens a budget kept, on the image the model saw (PIL only).
 
 A ``TokenGrid`` maps a span of an image's token sequence to a grid of boxes on the image;
-``draw_overlay`` renders one panel per (grid, budget): kept patches framed in the core or
-fill colour, dropped patches dimmed.
+``token_grids`` builds them for a LLaVA-1.5 / LLaVA-NeXT config; ``draw_overlay`` renders one
+panel per (grid, budget): kept patches framed in the core or fill colour, dropped ones dimmed.
 """
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 CORE_COLOUR = (255, 140, 0)  # relevance core: orange
@@ -89,6 +90,71 @@ class Layout:
         width, height = self.panel
         return (round(col * width / grid.cols), round(row * height / grid.rows),
                 round((col + 1) * width / grid.cols), round((row + 1) * height / grid.rows))
+
+
+def token_grids(config, image_processor, image_size, image_tokens: int):
+    """(grids, note): where each image token sits on the original image.
+
+    LLaVA-1.5: one grid over the processor's centre crop. LLaVA-NeXT: the base grid (the whole
+    image resized to one tile) and the high-resolution grid (the AnyRes tiles after unpadding,
+    each row followed by an image-newline token, which is not drawn).
+    """
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    width, height = image_size
+    cls_offset = 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0
+    if not hasattr(config, "image_grid_pinpoints"):
+        grid = TokenGrid("", _crop_box(width, height, image_processor), side, side, cls_offset)
+        note = "" if cls_offset == 0 else "token 0 is the CLS token (not drawn)"
+        return [grid], note
+    whole = (0, 0, width, height)
+    base = TokenGrid("base grid", whole, side, side, cls_offset)
+    high_res = _anyres_shape(config, (height, width), side)
+    offset = cls_offset + side * side
+    if high_res is None or offset + high_res[0] * (high_res[1] + 1) != image_tokens:
+        return [base], "only the base grid is drawn (the AnyRes layout did not match the tokens)"
+    rows, cols = high_res
+    grid = TokenGrid("high-res grid", whole, rows, cols, offset, row_stride=cols + 1)
+    return [base, grid], f"image-newline tokens (one per high-res row, {rows}) are not drawn"
+
+
+def _anyres_shape(config, image_hw, side: int):
+    """(rows, cols) of LLaVA-NeXT's unpadded high-resolution token grid, as the model packs it."""
+    try:
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape, unpad_image)
+    except ImportError:
+        return None
+    tiles_h, tiles_w = get_anyres_image_grid_shape(list(image_hw), config.image_grid_pinpoints,
+                                                   config.vision_config.image_size)
+    unpadded = unpad_image(torch.empty(1, tiles_h * side, tiles_w * side), list(image_hw))
+    return tuple(unpadded.shape[1:])
+
+
+def _crop_box(width: int, height: int, image_processor) -> tuple:
+    """The original-image pixels a CLIP-style processor keeps: resize, then centre crop."""
+    size = _size_dict(getattr(image_processor, "size", None))
+    crop = _size_dict(getattr(image_processor, "crop_size", None))
+    scale_x = scale_y = 1.0
+    if getattr(image_processor, "do_resize", True) and size.get("shortest_edge"):
+        scale_x = scale_y = size["shortest_edge"] / min(width, height)
+    elif getattr(image_processor, "do_resize", True) and size.get("height"):
+        scale_x, scale_y = size["width"] / width, size["height"] / height
+    if not (getattr(image_processor, "do_center_crop", False) and crop.get("height")):
+        return (0, 0, width, height)
+    left = (width * scale_x - crop["width"]) / 2 / scale_x
+    top = (height * scale_y - crop["height"]) / 2 / scale_y
+    return (round(left), round(top), round(left + crop["width"] / scale_x),
+            round(top + crop["height"] / scale_y))
+
+
+def _size_dict(size) -> dict:
+    if size is None:
+        return {}
+    if isinstance(size, dict):
+        return {k: v for k, v in size.items() if v is not None}
+    return {k: getattr(size, k) for k in ("shortest_edge", "height", "width")
+            if getattr(size, k, None) is not None}
 
 
 def draw_overlay(image: Image.Image, grids: Sequence[TokenGrid],
