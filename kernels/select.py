@@ -42,8 +42,9 @@ GRAM_MAX_BYTES = 1 << 30
 """Bound on the [B, N, N] float32 Gram scratch; larger batches stream the features."""
 NEAREST_GROUP_COLS = 2048
 """Streaming mode: columns one launch-1 program scans for the DivPrune nearest neighbour."""
-REGISTER_BLOCKS = ((256, 4), (1024, 4), (4096, 8))
-"""(block, num_warps) buckets of the Gram-mode launch 2: the block holds all N keys."""
+REGISTER_BLOCKS = ((256, 1), (1024, 2), (4096, 8))
+"""(block, num_warps) buckets of the Gram-mode launch 2: the block holds all N keys. Few warps:
+each step's argmax is then mostly warp shuffles (latency-bound loop); 4096 needs 8 to not spill."""
 STREAM_BLOCK_N, STREAM_BLOCK_D, STREAM_WARPS = 64, 64, 4
 """Streaming-mode launch 2 tile: tokens x features per on-the-fly dot product chunk."""
 MAX_PARTS = 256
