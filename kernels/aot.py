@@ -74,10 +74,12 @@ def _signature(kernel, pointers):
 
 
 def _aligned(kernel):
-    """Divisibility-by-16 hints that the runtime gives aligned pointers and row strides (the
-    usual case, e.g. D = 4096); other values get a specialization that differs in loads only."""
+    """Divisibility-by-16 hints that the runtime gives aligned pointers, row strides and D (the
+    usual case, e.g. D = 4096); other values get a specialization that differs in loads only
+    (for 16-bit features with D not a multiple of 16, the K loop is not cp.async-pipelined)."""
     aligned = [i for i, name in enumerate(kernel.arg_names)
-               if name.endswith("_ptr") or name in ("s_vb", "s_vn", "s_pb", "s_pt")]
+               if name.endswith("_ptr") or name in ("s_vb", "s_vn", "s_pb", "s_pt", "D",
+                                                     "split_len")]
     return {(i,): [["tt.divisibility", 16]] for i in aligned}
 
 
