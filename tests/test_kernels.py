@@ -86,7 +86,8 @@ def test_matches_reference(case, dtype, gram):
 
 @MODES
 @pytest.mark.parametrize("N, D, keep, ratio, dtype", [(300, 32, 40, 0.5, torch.float16),
-                                                      (1100, 16, 12, 0.0, torch.bfloat16)])
+                                                      (1100, 16, 12, 0.0, torch.bfloat16)],
+                         ids=["N300", "N1100"])
 def test_larger_register_blocks_and_column_groups(N, D, keep, ratio, dtype, gram, monkeypatch):
     """Gram launch 2 with 1024 / 4096-token blocks; streaming launch 1 with several column
     groups for the nearest-neighbour maxima (groups shrunk to 128 columns)."""
@@ -130,6 +131,17 @@ def test_prompt_edge_cases(gram):
     check(visual, prompt, 9, 0.5, prompt_mask, None, gram=gram)
     check(visual, prompt[:, :0], 9, 0.5, None, None, gram=gram)  # T = 0: pure diversity
     check(visual, torch.zeros_like(prompt), 9, 0.5, None, None, gram=gram)  # zero prompt
+
+
+@MODES
+def test_keep_beyond_the_real_tokens_takes_padded_ones_last(gram):
+    """What runs when value checks are off and a row has fewer real tokens than keep."""
+    visual, prompt, _, _ = make_case(19, 2, 30, 8, 4)
+    visual_mask = torch.zeros(2, 30, dtype=torch.bool, device=DEVICE)
+    visual_mask[:, ::5] = True  # 6 real tokens, keep 10
+    for ratio in (0.0, 0.5):
+        kept = kernel_select(visual, prompt, 10, ratio, None, visual_mask, gram=gram)
+        assert torch.equal(kept, reference_select(visual, prompt, 10, ratio, None, visual_mask))
 
 
 @MODES
