@@ -139,7 +139,7 @@ def render(rows: list) -> str:
             on = f" with {'/'.join(map(str, threads))} torch thread(s)" if threads else ""
             out += [f"CPU smoke numbers{on} (a functional check of the harness, not a "
                     "performance result; no HBM floor on a CPU).", ""]
-        out += render_table(group) + [""]
+        out += (render_e2e_table(group) if bench == "e2e_prefill" else render_table(group)) + [""]
     notes = HERE / "NOTES.md"
     if notes.exists():
         out += [notes.read_text()]
@@ -175,6 +175,30 @@ def render_table(group: list) -> list:
         for shape in shapes:
             cells = [_mib(latest.get((shape, impl))) for impl in impls]
             lines.append(f"| {_label(shapes[shape])} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_e2e_table(group: list) -> list:
+    """Markdown lines of an end-to-end prefill run: one line per model shape and keep, the
+    prefill time against the unpruned model and the selection's share of it."""
+    latest = {(_shape_key(r), r["impl"]): r for r in group}
+    shapes = {_shape_key(r): r["shape"] for r in group}
+    lines = ["| shape | prefill ms | vs unpruned | selection ms | selection share | "
+             "peak MiB | extra peak MiB |", "|---" * 7 + "|"]
+    for key, shape in shapes.items():
+        prefill = latest.get((key, "zspaprune")) or latest.get((key, "unpruned"))
+        if prefill is None:
+            continue
+        selection = latest.get((key, "selection"))
+        speedup = prefill.get("speedup_vs_unpruned")
+        share = prefill.get("selection_share")
+        cells = [_label(shape), f"{prefill['median_us'] / 1e3:.2f}",
+                 f"{speedup:.2f}×" if speedup else "1.00× (unpruned)",
+                 f"{selection['median_us'] / 1e3:.2f}" if selection else "",
+                 f"{share:.1%}" if share is not None else "",
+                 f"{prefill['peak_bytes'] / 2**20:.1f}" if prefill.get("peak_bytes") else "n/a",
+                 _mib(prefill)]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
