@@ -45,7 +45,7 @@ NEAREST_GROUP_COLS = 2048
 REGISTER_BLOCKS = ((256, 1), (1024, 2), (4096, 8))
 """(block, num_warps) buckets of the Gram-mode launch 2: the block holds all N keys. Few warps:
 each step's argmax is then mostly warp shuffles (latency-bound loop); 4096 needs 8 to not spill."""
-STREAM_BLOCK_N, STREAM_BLOCK_D, STREAM_WARPS = 64, 64, 4
+STREAM_BLOCK_N, STREAM_BLOCK_D, STREAM_WARPS = 32, 256, 4
 """Streaming-mode launch 2 tile: tokens x features per on-the-fly dot product chunk."""
 MAX_PARTS = 256
 """Most programs per image in the cooperative streaming launch 2 (a power of two)."""
