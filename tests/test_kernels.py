@@ -37,6 +37,7 @@ def make_case(seed, B, N, D, T, dtype=torch.float32, *, visual_padding=False,
     if nonfinite and N > 3:
         visual[:, 1, 0] = math.nan
         visual[:, 2, -1] = math.inf
+        visual[:, 3] = 3e19  # finite, but its float32 norm overflows: unscorable (fp16: inf)
     prompt = torch.randn(B, T, D, generator=g)
     prompt_mask = visual_mask = None
     if visual_padding:
@@ -118,7 +119,7 @@ def test_exact_ties_go_to_the_lower_index(gram, D):
 def test_nonfinite_and_zero_features(dtype, gram):
     visual, prompt, _, visual_mask = make_case(11, 2, 29, 16, 4, dtype, zeros=True,
                                                nonfinite=True, visual_padding=True)
-    for ratio in (0.0, 0.6):
+    for ratio in (0.0, 0.6, 1.0):
         kept = check(visual, prompt, 14, ratio, None, visual_mask, gram=gram)
         assert all(len(set(row)) == 14 for row in kept.tolist())
 
