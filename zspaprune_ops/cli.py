@@ -5,6 +5,7 @@ import time
 import torch
 
 from zspaprune_ops import demo
+from zspaprune_ops.dispatch import BACKENDS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -56,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--seed", type=int, default=0, help="random seed (0)")
     sel.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     sel.add_argument("--device", default="cpu", help="torch device (cpu)")
-    sel.add_argument("--backend", default="auto", help="auto or reference (auto)")
+    sel.add_argument("--backend", choices=BACKENDS, default="auto",
+                     help="auto: the op (fused kernels on CUDA, reference on CPU); triton: the "
+                          "kernels (on CPU needs TRITON_INTERPRET=1); reference (auto)")
     sel.add_argument("--repeat", type=int, default=5, help="timed runs after a warm-up (5)")
     sel.set_defaults(run=_select_command)
     demo.add_parser(commands)
