@@ -131,7 +131,7 @@ def _grid_argmax(best, index, cand_val_ptr, cand_idx_ptr, sync_ptr, b, part, P, 
     target = P * (phase + 1)
     arrived = tl.atomic_add(sync_ptr + b, 0, sem="acquire", scope="gpu")
     spins = 0
-    while (arrived < target) & (spins < _MAX_SPINS):
+    while (arrived < target) & (spins < _MAX_SPINS) & (failed == 0):  # one timeout ends waits
         arrived = tl.atomic_add(sync_ptr + b, 0, sem="acquire", scope="gpu")
         spins += 1
     tl.debug_barrier()
@@ -210,6 +210,7 @@ def _select_stream_kernel(visual_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, re
     _, failed = _grid_argmax(best, pick, cand_val_ptr, cand_idx_ptr, sync_ptr, b, part, P,
                              keep + 1, failed, PMAX)
     if part == 0:
+        ok = 1 - failed.to(tl.int32)  # a failed row is all -1, never partly written
         written = tl.full([], 0, tl.int32)
         for n0 in range(0, N, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
@@ -217,6 +218,10 @@ def _select_stream_kernel(visual_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, re
             fill = tl.load(fill_ptr + b * N + offs, mask=inside, other=0.0, volatile=True)
             chosen = inside & (fill == float("-inf"))
             position = written + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-            tl.store(out_ptr + b * keep + position, tl.where(failed, -1, offs.to(tl.int64)),
-                     mask=chosen)
+            tl.store(out_ptr + b * keep + position, offs.to(tl.int64),
+                     mask=chosen & (position < keep) & (position * 0 + ok != 0))
             written += tl.sum(chosen.to(tl.int32), axis=0)
+        for k0 in range(0, keep, BLOCK_N):
+            ks = k0 + tl.arange(0, BLOCK_N)
+            tl.store(out_ptr + b * keep + ks, tl.full([BLOCK_N], -1, tl.int64),
+                     mask=(ks < keep) & (ks * 0 + ok == 0))

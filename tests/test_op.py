@@ -51,6 +51,20 @@ def test_compile_fullgraph_equals_eager(backend, dynamic):
         assert torch.equal(compiled(*args), prune(*args))
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_with_keep_and_ratio_as_arguments(backend):
+    """Changing scalars make dynamo trace them symbolically (automatic dynamic)."""
+    torch._dynamo.reset()
+    prune = torch.compile(lambda v, p, k, r: zspaprune_ops.select(v, p, k, r), fullgraph=True,
+                          backend=backend)
+    visual, prompt, _, _ = make_inputs(7, masks=False)
+    for keep, ratio in [(5, 0.5), (6, 0.3), (9, 0.0), (4, 1.0)]:
+        assert torch.equal(prune(visual, prompt, keep, ratio),
+                           zspaprune_ops.select(visual, prompt, keep, ratio))
+    with pytest.raises(Exception, match=r"keep must be in \[1, N=45\]"):
+        prune(visual, prompt, 46, 0.5)
+
+
 def test_compile_unbatched_wrapper():
     visual, prompt, _, _ = make_inputs(4, masks=False)
     fn = torch.compile(lambda v, p: zspaprune_ops.select(v, p, 5, 0.0), fullgraph=True,

@@ -5,7 +5,6 @@ values (``keep`` against the number of real tokens in each row of ``visual_mask`
 device-to-host sync on CUDA; it is skipped during CUDA-graph capture and whenever
 ``set_value_checks(False)`` is in effect.
 """
-import math
 from dataclasses import dataclass
 from numbers import Real
 from typing import Optional
@@ -91,14 +90,14 @@ def check_inputs(visual, prompt, keep, relevance_ratio, prompt_mask=None, visual
                          f"{list(visual.shape)}")
     _check_mask("prompt_mask", prompt_mask, tuple(prompt.shape[:2]), visual.device)
     _check_mask("visual_mask", visual_mask, (B, N), visual.device)
-    if isinstance(keep, bool) or not isinstance(keep, int):
+    if isinstance(keep, bool) or not isinstance(keep, (int, torch.SymInt)):
         raise TypeError(f"keep must be an int, got {type(keep).__name__}")
     if not 1 <= keep <= N:
-        raise ValueError(f"keep must be in [1, N={N}], got {keep}")
-    if isinstance(relevance_ratio, bool) or not isinstance(relevance_ratio, Real):
+        raise ValueError(f"keep must be in [1, N={int(N)}], got {int(keep)}")  # int(): traceable
+    if isinstance(relevance_ratio, bool) or not isinstance(relevance_ratio, (Real, torch.SymFloat)):
         raise TypeError(f"relevance_ratio must be a float, got {type(relevance_ratio).__name__}")
-    if math.isnan(relevance_ratio) or not 0.0 <= relevance_ratio <= 1.0:
-        raise ValueError(f"relevance_ratio must be in [0, 1], got {relevance_ratio}")
+    if not 0.0 <= relevance_ratio <= 1.0:  # False for NaN too
+        raise ValueError(f"relevance_ratio must be in [0, 1], got {float(relevance_ratio)}")
     return Batch(visual, prompt, prompt_mask, visual_mask, unbatched)
 
 
