@@ -9,7 +9,7 @@ import torch
 
 from zspaprune_ops.reference.naive import (_fill_choice, _has_prompt, _mean_prompt, _unit_rows,
                                             select_batched)
-from zspaprune_ops.rule import DEMOTED, PADDING, core_size
+from zspaprune_ops.rule import DEMOTED, PADDING, core_size, may_start_with_divprune
 
 COMPILE_MAX_KEEP = {"cuda": 64, "cpu": 8}
 """Default largest ``keep`` for ``reference_compiled`` by device type: dynamo unrolls the
@@ -48,11 +48,12 @@ def divprune_loop(visual, prompt, keep, relevance_ratio, prompt_mask=None, visua
     distance.masked_fill_(distance.isnan(), float("inf"))  # a NaN distance is ignored, like fmin
 
     scores = (v_hat @ _mean_prompt(prompt, prompt_mask)[..., None]).squeeze(-1)
-    scores = torch.where(real, scores.nan_to_num(nan=DEMOTED), PADDING)
+    scores = torch.where(scorable & ~scores.isnan(), scores, DEMOTED)  # as the reference
+    scores = torch.where(real, scores, PADDING)
     by_relevance = scores.sort(dim=1, descending=True, stable=True).indices
     n_core = torch.where(_has_prompt(prompt, prompt_mask), core_size(keep, relevance_ratio), 0)
 
-    if prompt_mask is not None or prompt.shape[1] == 0 or core_size(keep, relevance_ratio) == 0:
+    if may_start_with_divprune(prompt.shape[1], keep, relevance_ratio, prompt_mask is not None):
         others = real[:, None, :] & ~torch.eye(N, dtype=torch.bool, device=visual.device)
         nearest_other = distance.masked_fill(~others, float("inf")).amin(dim=2)
         first_pick = _fill_choice(nearest_other, real, scorable, torch.zeros_like(real))

@@ -19,6 +19,7 @@ import argparse
 import torch
 
 import results
+from zspaprune_ops._validate import FEATURE_DTYPES
 from zspaprune_ops.llava import ZSPAPruneLlava
 from zspaprune_ops.measure import interleaved_medians, peak_bytes, resident_bytes
 from zspaprune_ops.tiny_llava import LLAVA_15_7B_SIZES, SPECIAL_TOKENS, build_model
@@ -33,7 +34,6 @@ PRESETS = {
                  intermediate=128, vocab_size=256),
 }
 """Model shapes; all keep LLaVA-1.5's 24x24 patch grid (576 visual tokens per image)."""
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def make_inputs(config, text_tokens: int, device: torch.device, dtype: torch.dtype, seed: int):
@@ -129,12 +129,12 @@ def main(argv=None) -> list:
     parser.add_argument("--ratio", type=float, default=0.5, help="relevance ratio (0.5)")
     parser.add_argument("--repeat", type=int, default=10, help="timed runs per case (10)")
     parser.add_argument("--device", help="torch device (cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES),
+    parser.add_argument("--dtype", choices=sorted(FEATURE_DTYPES),
                         help="bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--no-record", action="store_true", help="print only, write no rows")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    dtype = FEATURE_DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     preset = args.preset or ("llava-1.5-7b" if device.type == "cuda" else "cpu-small")
     rows = run(preset, args.keep, args.text, args.ratio, args.repeat, device, dtype)
     print(f"e2e prefill, {preset}, {dtype}, {results.device_name(device)}")

@@ -4,8 +4,7 @@
     TRITON_INTERPRET=1 python bench/bench_select.py --preset cpu-smoke
     python bench/bench_select.py --shapes llava7b-k64,B=2,N=300,D=64,keep=30 --impls fused,reference
 
-Implementations: ``fused`` (``backend="triton"``; skipped while that backend does not exist, on
-CPU only under ``TRITON_INTERPRET=1`` and at tiny sizes), ``reference`` (eager pure PyTorch),
+Implementations: ``fused`` (``backend="triton"``; on CPU only under ``TRITON_INTERPRET=1`` and at tiny sizes), ``reference`` (eager pure PyTorch),
 ``reference_compiled`` (torch.compile of the reference) and ``divprune_loop`` (N×N matrix plus a
 Python loop; see bench/baselines.py). Each output is checked equal to the reference's before it
 is timed; an impl that differs or fails is reported and not timed (exit status 1). Rows go to
@@ -23,11 +22,11 @@ import torch
 import baselines
 import results
 import zspaprune_ops
-from zspaprune_ops import dispatch
+from zspaprune_ops._validate import FEATURE_DTYPES
+from zspaprune_ops.measure import median_seconds
 from zspaprune_ops.reference.naive import select_batched
 
 IMPLS = ("fused", "reference", "reference_compiled", "divprune_loop")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INTERPRETER_MAX_WORK = 1 << 18
 """On CPU ``fused`` runs in Triton's interpreter only where B·N·D·keep is at most this."""
 SLOW_CALL_S = 0.2
@@ -108,7 +107,7 @@ def make_inputs(shape: Shape, device, seed: int = 0) -> Inputs:
     left-padded) hold random normal values the rule must ignore.
     """
     gen = torch.Generator(device=device).manual_seed(seed)
-    dtype = DTYPES[shape.dtype]
+    dtype = FEATURE_DTYPES[shape.dtype]
     B, N, T = shape.B, shape.N, shape.T
     visual = torch.cat([_exact_tokens(N, shape.D, gen, device) for _ in range(B)]).view(B, N, -1)
     prompt = _exact_tokens(B, shape.D, gen, device)[:, None, :].expand(B, T, -1)
@@ -140,7 +139,7 @@ def _noise(size, gen, device) -> torch.Tensor:
 
 def floor_bytes(shape: Shape) -> int:
     """Bytes every implementation must read once: the features and the masks."""
-    itemsize = DTYPES[shape.dtype].itemsize
+    itemsize = FEATURE_DTYPES[shape.dtype].itemsize
     masks = shape.B * (shape.N + shape.T) if shape.masks else 0
     return shape.B * (shape.N + shape.T) * shape.D * itemsize + masks
 
@@ -150,8 +149,6 @@ def build(impl: str, shape: Shape, inputs: Inputs, limits: argparse.Namespace):
     args = inputs.args(shape)
     device = inputs.visual.device
     if impl == "fused":
-        if "triton" not in dispatch.BACKENDS:
-            return None, "the triton backend is not available (fused kernels not landed)"
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return None, "fused on CPU needs TRITON_INTERPRET=1"
         if device.type == "cpu" and shape.B * shape.N * shape.D * shape.keep > INTERPRETER_MAX_WORK:
@@ -183,7 +180,7 @@ def _public(args: tuple, backend: str) -> torch.Tensor:
 def median_us(fn, device, repeat: int) -> float:
     """Median wall time of ``fn`` in µs. CUDA: triton's do_bench (it flushes L2 before every
     call, so small inputs are read from HBM as in a model), or CUDA events for slow calls;
-    CPU: time.perf_counter over ``repeat`` calls."""
+    CPU: the median of ``repeat`` timed calls (zspaprune_ops.measure)."""
     if device.type == "cuda":
         start = time.perf_counter()
         fn()
@@ -192,12 +189,7 @@ def median_us(fn, device, repeat: int) -> float:
             import triton.testing
             return triton.testing.do_bench(fn, return_mode="median") * 1e3
         return _median([_event_seconds(fn) for _ in range(3)]) * 1e6
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return _median(times) * 1e6
+    return median_seconds(fn, device, repeat, warmup=0) * 1e6
 
 
 def _event_seconds(fn) -> float:
@@ -302,8 +294,8 @@ def _spec_shape(spec: dict) -> Shape:
     fields = Shape.__dataclass_fields__
     values = {k: v.lower() in ("1", "true") if fields[k].type is bool else fields[k].type(v)
               for k, v in spec.items()}
-    if values.get("dtype", "bfloat16") not in DTYPES:
-        raise ValueError(f"--shapes: dtype must be one of {sorted(DTYPES)}")
+    if values.get("dtype", "bfloat16") not in FEATURE_DTYPES:
+        raise ValueError(f"--shapes: dtype must be one of {sorted(FEATURE_DTYPES)}")
     return replace(ALL_SHAPES["llava7b-k64"], **values)
 
 

@@ -14,7 +14,7 @@ import contextlib
 import torch
 import triton
 
-from zspaprune_ops.rule import core_size
+from zspaprune_ops.rule import core_size, may_start_with_divprune
 
 from .fill import _select_gram_kernel, _select_stream_kernel
 from .prepare import _prepare_kernel
@@ -59,12 +59,6 @@ def uses_gram(batch: int, n: int) -> bool:
     return n <= GRAM_MAX_N and batch * n * n * 4 <= GRAM_MAX_BYTES
 
 
-def needs_first_pick(prompt_len: int, keep: int, relevance_ratio: float,
-                     has_prompt_mask: bool) -> bool:
-    """Whether some row may start with an empty core (DivPrune's first pick), statically."""
-    return has_prompt_mask or prompt_len == 0 or core_size(keep, relevance_ratio) == 0
-
-
 def stream_parts(batch: int, n: int, device: torch.device) -> int:
     """Programs per image of the streaming launch 2: all B * parts programs must be resident at
     once for the grid-wide argmax, so at most one per SM (host-side query, no sync); 1 off CUDA
@@ -97,7 +91,7 @@ def select_batched(visual, prompt, keep, relevance_ratio, prompt_mask=None, visu
     B, N, D = visual.shape
     T = prompt.shape[1]
     gram = uses_gram(B, N) if gram is None else gram
-    nearest_needed = needs_first_pick(T, keep, relevance_ratio, prompt_mask is not None)
+    nearest_needed = may_start_with_divprune(T, keep, relevance_ratio, prompt_mask is not None)
     n_splits, split_len = feature_splits(D, tile_k(visual.dtype))
     n_tiles = triton.cdiv(N, TILE)
     tiles_per_group = 1 if gram else NEAREST_GROUP_COLS // TILE

@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 
 from zspaprune_ops._validate import check_inputs, check_real_counts
-from zspaprune_ops.rule import DEMOTED, NORM_EPS, PADDING, core_size
+from zspaprune_ops.rule import (DEMOTED, NORM_EPS, PADDING, core_size,
+                                 may_start_with_divprune)
 
 _CHUNK_ELEMENTS = 1 << 22  # similarity entries materialized at once by the DivPrune first pick
 
@@ -51,8 +52,8 @@ def select_batched(visual, prompt, keep, relevance_ratio, prompt_mask=None, visu
 
     # 2. Diversity fill: farthest point from the chosen set, lower index on ties. An empty core
     # starts with DivPrune's first pick: the token farthest from its nearest other token.
-    needs_first_pick = (prompt_mask is not None or prompt.shape[1] == 0
-                        or core_size(keep, relevance_ratio) == 0)
+    needs_first_pick = may_start_with_divprune(prompt.shape[1], keep, relevance_ratio,
+                                               prompt_mask is not None)
     if needs_first_pick:
         first_pick = _fill_choice(_nearest_other_distance(v_hat, real), real, scorable,
                                   torch.zeros_like(real))

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import zspaprune_ops
+from literal import replay
 from zspaprune_ops.reference import select as reference_select
 
 
@@ -80,10 +81,15 @@ def test_compile_reports_bad_input():
         fn(visual, prompt)
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_wrapper_backends_agree(dtype):
+def test_wrapper_backends_agree_with_the_reference(dtype, backend):
+    """Each backend equals the reference, up to float64-verified near-ties (the kernels sum in
+    another order); on CPU ``auto`` is the reference and ``triton`` runs interpreted."""
     visual, prompt, prompt_mask, visual_mask = make_inputs(6, dtype=dtype)
-    outs = [zspaprune_ops.select(visual, prompt, 12, 0.5, prompt_mask=prompt_mask,
-                                 visual_mask=visual_mask, backend=b)
-            for b in ("auto", "reference")]
-    assert torch.equal(outs[0], outs[1])
+    kept = zspaprune_ops.select(visual, prompt, 12, 0.5, prompt_mask=prompt_mask,
+                                visual_mask=visual_mask, backend=backend)
+    expected = reference_select(visual, prompt, 12, 0.5, prompt_mask=prompt_mask,
+                                visual_mask=visual_mask)
+    for b in torch.nonzero((kept != expected).any(dim=1)).flatten().tolist():
+        replay(visual[b], prompt[b], 12, 0.5, kept[b], prompt_mask[b], visual_mask[b])

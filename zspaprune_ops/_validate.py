@@ -11,7 +11,8 @@ from typing import Optional
 
 import torch
 
-FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""The supported feature dtypes by name (command lines and benchmarks use the names)."""
 _value_checks = True
 
 
@@ -40,7 +41,7 @@ class Batch:
 def _check_features(name: str, x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FEATURE_DTYPES:
+    if x.dtype not in FEATURE_DTYPES.values():
         raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
 
 

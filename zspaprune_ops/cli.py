@@ -1,13 +1,12 @@
 """The ``zspaprune`` command line."""
 import argparse
-import time
 
 import torch
 
 from zspaprune_ops import demo
+from zspaprune_ops._validate import FEATURE_DTYPES
 from zspaprune_ops.dispatch import BACKENDS
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from zspaprune_ops.measure import median_seconds
 
 
 def _select_command(args: argparse.Namespace) -> None:
@@ -17,22 +16,14 @@ def _select_command(args: argparse.Namespace) -> None:
     visual = torch.randn(args.batch, args.n, args.dim, generator=generator)
     prompt = torch.randn(args.batch, args.prompt_len, args.dim, generator=generator)
     device = torch.device(args.device)
-    visual = visual.to(device, DTYPES[args.dtype])
-    prompt = prompt.to(device, DTYPES[args.dtype])
+    visual = visual.to(device, FEATURE_DTYPES[args.dtype])
+    prompt = prompt.to(device, FEATURE_DTYPES[args.dtype])
 
     def run():
-        kept = zspaprune_ops.select(visual, prompt, args.keep, args.ratio, backend=args.backend)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return kept
+        return zspaprune_ops.select(visual, prompt, args.keep, args.ratio, backend=args.backend)
 
-    run()  # warm-up: first-call compilation and allocation stay out of the timing
-    times = []
-    for _ in range(args.repeat):
-        start = time.perf_counter()
-        kept = run()
-        times.append(time.perf_counter() - start)
-    median_ms = sorted(times)[len(times) // 2] * 1e3
+    kept = run()  # also the warm-up: first-call compilation stays out of the timing
+    median_ms = median_seconds(run, device, repeat=args.repeat, warmup=0) * 1e3
     for row in kept.tolist():
         print(" ".join(map(str, row)))
     print(f"kept {args.keep} of {args.n} tokens x {args.batch} image(s), D={args.dim}, "
@@ -55,11 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--batch", type=int, default=1, help="images B (1)")
     sel.add_argument("--prompt-len", type=int, default=32, help="prompt tokens T (32)")
     sel.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    sel.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    sel.add_argument("--dtype", choices=sorted(FEATURE_DTYPES), default="float32")
     sel.add_argument("--device", default="cpu", help="torch device (cpu)")
     sel.add_argument("--backend", choices=BACKENDS, default="auto",
-                     help="auto: the op (fused kernels on CUDA, reference on CPU); triton: the "
-                          "kernels (on CPU needs TRITON_INTERPRET=1); reference (auto)")
+                     help="auto (default): the op, fused kernels on CUDA and the reference "
+                          "elsewhere; triton: the kernels (on CPU needs TRITON_INTERPRET=1); "
+                          "reference: the pure-PyTorch reference")
     sel.add_argument("--repeat", type=int, default=5, help="timed runs after a warm-up (5)")
     sel.set_defaults(run=_select_command)
     demo.add_parser(commands)
@@ -67,8 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    args.run(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except ValueError as error:
+        if args.command != "select":
+            raise
+        parser.error(str(error))  # e.g. --keep above --n: the op's message, as a usage error
 
 
 if __name__ == "__main__":

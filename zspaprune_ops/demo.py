@@ -20,6 +20,7 @@ from typing import List, Optional
 
 import torch
 
+from zspaprune_ops._validate import FEATURE_DTYPES
 from zspaprune_ops.measure import interleaved_medians, peak_bytes, resident_bytes
 from zspaprune_ops.rule import core_size
 
@@ -33,7 +34,6 @@ TINY_DEFAULT_SIZES = dict(image_size=336, patch_size=14, vision_hidden=64, visio
 """The embedded default: LLaVA-1.5's 24x24 patch grid on a small random-weight model (12M
 parameters, 50 MB cached). Its language model is just large enough that a shorter prefill
 outweighs the selection on a CPU, as it does (by far) on a 7B model."""
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def cache_root() -> Path:
@@ -251,7 +251,7 @@ def add_parser(commands) -> None:
     demo.add_argument("--max-new-tokens", type=int, default=12, help="generated tokens (12)")
     demo.add_argument("--repeat", type=int, default=5, help="timed prefill runs per budget (5)")
     demo.add_argument("--device", help="torch device (cuda if available, else cpu)")
-    demo.add_argument("--dtype", choices=sorted(DTYPES),
+    demo.add_argument("--dtype", choices=sorted(FEATURE_DTYPES),
                       help="model dtype (bfloat16 on cuda, float32 on cpu)")
     demo.set_defaults(run=main)
 
@@ -264,7 +264,7 @@ def main(args: argparse.Namespace) -> DemoResult:
 
     _check_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    dtype = FEATURE_DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     torch.manual_seed(0)
     model, processor, is_tiny = load(args.model, device, dtype)
     image = Image.open(args.image or SAMPLE_IMAGE).convert("RGB")

@@ -22,3 +22,10 @@ PADDING = -3.0
 def core_size(keep: int, relevance_ratio: float) -> int:
     """Tokens in the relevance core: ``floor(keep * relevance_ratio + 0.5)``, in float64."""
     return math.floor(keep * relevance_ratio + 0.5)
+
+
+def may_start_with_divprune(prompt_len: int, keep: int, relevance_ratio: float,
+                            has_prompt_mask: bool) -> bool:
+    """Whether some row may have an empty core, and so start with DivPrune's first pick; decided
+    from metadata alone (a prompt mask may leave a row without a real prompt token)."""
+    return has_prompt_mask or prompt_len == 0 or core_size(keep, relevance_ratio) == 0
