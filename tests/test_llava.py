@@ -331,8 +331,10 @@ def test_bad_arguments_raise_clear_errors(folders):
         ZSPAPruneLlava(model.model.language_model)
     wrapped = ZSPAPruneLlava(model, keep=4)
     ids, pixels = inputs["input_ids"], inputs["pixel_values"]
-    with pytest.raises(ValueError, match="input_ids"):
+    with pytest.raises(TypeError, match="input_ids must be an integer tensor"):
         wrapped.prune_inputs(ids.float(), pixels)
+    with pytest.raises(ValueError, match=r"input_ids must be \[B, L\]"):
+        wrapped.prune_inputs(ids[0], pixels)
     with pytest.raises(ValueError, match="attention_mask"):
         wrapped.prune_inputs(ids, pixels, attention_mask=inputs["attention_mask"][:, 1:])
     with pytest.raises(TypeError, match="prompt_mask"):

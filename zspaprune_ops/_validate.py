@@ -91,15 +91,21 @@ def check_inputs(visual, prompt, keep, relevance_ratio, prompt_mask=None, visual
                          f"{list(visual.shape)}")
     _check_mask("prompt_mask", prompt_mask, tuple(prompt.shape[:2]), visual.device)
     _check_mask("visual_mask", visual_mask, (B, N), visual.device)
-    if isinstance(keep, bool) or not isinstance(keep, (int, torch.SymInt)):
-        raise TypeError(f"keep must be an int, got {type(keep).__name__}")
+    check_budget(keep, relevance_ratio)
     if not 1 <= keep <= N:
         raise ValueError(f"keep must be in [1, N={int(N)}], got {int(keep)}")  # int(): traceable
+    return Batch(visual, prompt, prompt_mask, visual_mask, unbatched)
+
+
+def check_budget(keep, relevance_ratio) -> None:
+    """``keep`` an int (its range depends on N: see check_inputs), ``relevance_ratio`` a number
+    in [0, 1]; SymInt / SymFloat pass, so torch.compile can trace them symbolically."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, torch.SymInt)):
+        raise TypeError(f"keep must be an int, got {type(keep).__name__}")
     if isinstance(relevance_ratio, bool) or not isinstance(relevance_ratio, (Real, torch.SymFloat)):
         raise TypeError(f"relevance_ratio must be a float, got {type(relevance_ratio).__name__}")
     if not 0.0 <= relevance_ratio <= 1.0:  # False for NaN too
         raise ValueError(f"relevance_ratio must be in [0, 1], got {float(relevance_ratio)}")
-    return Batch(visual, prompt, prompt_mask, visual_mask, unbatched)
 
 
 def _unsqueeze_mask(name: str, mask, dim_expected: int):

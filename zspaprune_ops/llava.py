@@ -20,7 +20,6 @@ because the grid rows they delimit no longer exist, and ``keep`` of its other to
 (all of them if it has fewer).
 """
 from dataclasses import dataclass
-from numbers import Real
 from typing import List, Optional
 
 import torch
@@ -33,6 +32,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
                       "pip install zspaprune[hf]") from error
 
 import zspaprune_ops
+from zspaprune_ops._validate import check_budget
 from zspaprune_ops.dispatch import BACKENDS
 
 _MODEL_CLASSES = {"llava": LlavaForConditionalGeneration,
@@ -86,15 +86,9 @@ class ZSPAPruneLlava(torch.nn.Module):
         if not isinstance(model, tuple(_MODEL_CLASSES.values())):
             raise TypeError("model must be a LlavaForConditionalGeneration or "
                             f"LlavaNextForConditionalGeneration, got {type(model).__name__}")
-        if isinstance(keep, bool) or not isinstance(keep, int):
-            raise TypeError(f"keep must be an int, got {type(keep).__name__}")
+        check_budget(keep, relevance_ratio)
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
-        if isinstance(relevance_ratio, bool) or not isinstance(relevance_ratio, Real):
-            raise TypeError("relevance_ratio must be a float, got "
-                            f"{type(relevance_ratio).__name__}")
-        if not 0.0 <= relevance_ratio <= 1.0:
-            raise ValueError(f"relevance_ratio must be in [0, 1], got {relevance_ratio}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.model = model
@@ -189,10 +183,11 @@ class ZSPAPruneLlava(torch.nn.Module):
 
     # ---------------------------------------------------------------- internals
     def _check_text(self, input_ids, pixel_values, attention_mask, prompt_mask, image_sizes):
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 \
-                or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError("input_ids must be an integer tensor [B, L], got "
-                             f"{_describe(input_ids)}")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64,
+                                                                              torch.int32):
+            raise TypeError(f"input_ids must be an integer tensor, got {_describe(input_ids)}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, L], got {_describe(input_ids)}")
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor, got {_describe(pixel_values)}")
         if self.is_next and image_sizes is None:
