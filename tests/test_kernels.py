@@ -241,3 +241,40 @@ def test_cooperative_grid_fits_the_gpu(monkeypatch):
     assert module.stream_parts(1, 100, cuda) == blocks  # never more parts than token blocks
     monkeypatch.setattr(module, "COOPERATIVE", False)
     assert module.stream_parts(8, 32768, cuda) == 1
+
+
+def scratch_bytes(monkeypatch, B, N, D, T, keep, ratio):
+    """Bytes select_batched allocates for a shape, on the meta device with launches stubbed."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from zspaprune_ops.kernels import select as module
+
+    class NoLaunch:  # kernel[grid](...) does nothing: only the host side's allocations run
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    for name in ("_prepare_kernel", "_select_gram_kernel", "_select_stream_kernel"):
+        monkeypatch.setattr(module, name, NoLaunch())
+    allocated = []
+
+    class CountAllocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default):
+                allocated.append(out.numel() * out.element_size())
+            return out
+
+    visual = torch.empty(B, N, D, dtype=torch.bfloat16, device="meta")
+    prompt = torch.empty(B, T, D, dtype=torch.bfloat16, device="meta")
+    masks = (torch.empty(B, T, dtype=torch.bool, device="meta"),
+             torch.empty(B, N, dtype=torch.bool, device="meta"))
+    with CountAllocations():
+        module.select_batched(visual, prompt, keep, ratio, *masks)
+    return sum(allocated)
+
+
+def test_extra_memory_at_n32768_b8_is_far_under_1gb(monkeypatch):
+    """The issue's bound: N = 32768 at B = 8 (D = 4096, keep 10%, masks, a DivPrune start)."""
+    assert scratch_bytes(monkeypatch, 8, 32768, 4096, 64, 3276, 0.0) < 100 * 2**20
+    # the count sees the scratch: LLaVA-1.5's shape uses the [B, N, N] float32 Gram matrix
+    assert scratch_bytes(monkeypatch, 1, 576, 4096, 64, 64, 0.5) >= 576 * 576 * 4
