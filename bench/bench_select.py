@@ -23,7 +23,7 @@ import baselines
 import results
 import zspaprune_ops
 from zspaprune_ops._validate import FEATURE_DTYPES
-from zspaprune_ops.measure import median_seconds
+from zspaprune_ops.measure import median_seconds, peak_bytes
 from zspaprune_ops.reference.naive import select_batched
 
 IMPLS = ("fused", "reference", "reference_compiled", "divprune_loop")
@@ -211,11 +211,7 @@ def extra_peak_bytes(fn, device):
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
+    return peak_bytes(fn, device) - torch.cuda.memory_allocated(device)
 
 
 def run_shape(shape: Shape, impls, device, limits, bandwidth) -> tuple:

@@ -26,7 +26,7 @@ from zspaprune_ops.rule import core_size
 
 SAMPLE_IMAGE = Path(__file__).resolve().parent / "assets" / "sample.png"
 DEFAULT_PROMPT = "What is in front of the red house?"
-DEFAULT_FRACTIONS = (1.0, 1 / 3, 2 / 9, 1 / 9)  # 576 tokens -> keep 576 (none), 192, 128, 64
+DEFAULT_FRACTIONS = (1 / 3, 2 / 9, 1 / 9)  # of 576 image tokens: keep 192, 128, 64
 TINY_NAME = "tiny-llava-336-v2"  # change the suffix whenever TINY_DEFAULT_SIZES change
 TINY_DEFAULT_SIZES = dict(image_size=336, patch_size=14, vision_hidden=64, vision_layers=2,
                           vision_heads=2, text_hidden=512, text_layers=4, text_heads=8,
@@ -133,7 +133,7 @@ def run(model, processor, image, prompt: str, keeps, relevance_ratio: float,
     image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
     generate_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
     decode = processor.tokenizer.decode
-    keeps = keeps or [max(1, round(image_tokens * f)) for f in DEFAULT_FRACTIONS[1:]]
+    keeps = keeps or [max(1, round(image_tokens * f)) for f in DEFAULT_FRACTIONS]
 
     models = [model] + [ZSPAPruneLlava(model, keep=min(keep, image_tokens),
                                        relevance_ratio=relevance_ratio) for keep in keeps]
