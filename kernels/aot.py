@@ -2,9 +2,13 @@
 
 ``python -m zspaprune_ops.kernels.aot [--arch 80 90] [--jobs 2]`` compiles each configuration
 ``select_batched`` can launch with ``triton.compile`` for a ``GPUTarget`` and prints one table
-row per (configuration, arch): compile seconds and registers, shared memory, stack and local
-bytes (spills) read by the ``cuobjdump`` bundled with Triton. Exits 1 if any configuration fails
-to compile or takes longer than ``--max-seconds``. Run it with ``TRITON_INTERPRET`` unset.
+row per (configuration, arch): compile seconds; REG (registers per thread), SHARED (shared
+memory bytes per program), STACK (per-thread stack frame bytes) and LOCAL (per-thread local
+memory bytes outside the stack), read by the ``cuobjdump`` bundled with Triton; and SPILL, the
+bytes of registers spilled to local memory (``ptxas -v``'s spill stores). A stack frame without
+spills holds a call's frame or a small local array, not spilled registers. Exits 1 if any
+configuration fails to compile or takes longer than ``--max-seconds``. Run it with
+``TRITON_INTERPRET`` unset.
 
 Which configurations: every tile/warp choice, every visual dtype and every mode (Gram scratch
 stored or not, DivPrune nearest-neighbour pass or not). Mask presence and the prompt dtype only
@@ -12,6 +16,7 @@ change a load, so they are covered by one variant each rather than by the full p
 """
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -28,17 +33,26 @@ def configurations():
     """[(name, kernel attribute, signature, constexprs, num_warps)] for every launch variant."""
     from . import select as k
     configs = []
+    for prompt in ("fp32", "bf16"):
+        for pmask in (True, False):
+            configs.append((f"prompt-sum prompt={prompt} mask={pmask}", "_prompt_kernel",
+                            _signature(k._prompt_kernel, {
+                                "prompt_ptr": f"*{prompt}", "pmask_ptr": _mask(pmask),
+                                "counts_ptr": "*i32", "sync_ptr": "*i64"}),
+                            {"HAS_PMASK": pmask, "BD": k.PROMPT_BLOCK_D, "BT": k.PROMPT_BLOCK_T},
+                            k.PROMPT_WARPS))
     for dtype, short in _DTYPES.items():
         for gram, nearest in ((True, False), (True, True), (False, True), (False, False)):
-            configs.append(_prepare(k, short, short, True, True, gram, nearest))
+            configs.append(_prepare(k, short, True, gram, nearest))
         for nearest in (False, True):
             configs.append((f"stream {dtype} nearest={nearest}", "_select_stream_kernel",
                             _signature(k._select_stream_kernel, {
                                 "visual_ptr": f"*{short}", "counts_ptr": "*i32",
-                                "cand_idx_ptr": "*i32"}),
+                                "sync_ptr": "*i64"}),
                             {"NEED_NEAREST": nearest, "BLOCK_N": k.STREAM_BLOCK_N,
-                             "BLOCK_D": k.STREAM_BLOCK_D, "PMAX": k.MAX_PARTS}, k.STREAM_WARPS))
-    configs.append(_prepare(k, "bf16", "fp32", False, False, True, True))  # no masks, mixed
+                             "BLOCK_D": k.STREAM_BLOCK_D, "INTERPRETED": False},
+                            k.STREAM_WARPS))
+    configs.append(_prepare(k, "bf16", False, True, True))  # no visual mask
     for block, warps in k.REGISTER_BLOCKS:
         for nearest in (False, True):
             configs.append((f"gram-select block={block} nearest={nearest}", "_select_gram_kernel",
@@ -47,16 +61,16 @@ def configurations():
     return configs
 
 
-def _prepare(k, visual, prompt, pmask, vmask, gram, nearest):
-    name = (f"prepare visual={visual} prompt={prompt} masks={pmask and vmask} gram={gram} "
-            f"nearest={nearest}")
+def _mask(present):
+    return "*i1" if present else "*fp32"
+
+
+def _prepare(k, visual, vmask, gram, nearest):
+    name = f"prepare visual={visual} mask={vmask} gram={gram} nearest={nearest}"
     signature = _signature(k._prepare_kernel, {
-        "visual_ptr": f"*{visual}", "prompt_ptr": f"*{prompt}",
-        "pmask_ptr": "*i1" if pmask else "*fp32", "vmask_ptr": "*i1" if vmask else "*fp32",
-        "counts_ptr": "*i32"})
-    constexprs = {"HAS_PMASK": pmask, "HAS_VMASK": vmask, "STORE_GRAM": gram,
-                  "NEED_NEAREST": nearest, "DOT_FP32": False, "BM": k.TILE,
-                  "BK": k.tile_k(_TORCH[visual]), "BT": k.PROMPT_ROWS}
+        "visual_ptr": f"*{visual}", "vmask_ptr": _mask(vmask), "counts_ptr": "*i32"})
+    constexprs = {"HAS_VMASK": vmask, "STORE_GRAM": gram, "NEED_NEAREST": nearest,
+                  "DOT_FP32": False, "BM": k.TILE, "BK": k.tile_k(_TORCH[visual])}
     return name, "_prepare_kernel", signature, constexprs, k.PREPARE_WARPS
 
 
@@ -98,13 +112,28 @@ def _compile(job):
     try:
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, _aligned(kernel)),
                                   target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": warps})
+                                  options={"num_warps": warps, **k.LAUNCH_OPTIONS})
     except Exception as error:  # reported, and fails the run
         return name, arch, time.perf_counter() - start, None, f"{type(error).__name__}: {error}"
     seconds = time.perf_counter() - start
     usage = _resources(compiled.asm["cubin"])
     usage["SHARED"] = compiled.metadata.shared  # dynamic shared memory; cuobjdump shows static
+    usage["SPILL"] = _spill_bytes(compiled.asm["ptx"], arch)
     return name, arch, seconds, usage, None
+
+
+def _spill_bytes(ptx: str, arch: int) -> int:
+    """Spill-store bytes that ``ptxas -v`` (the one Triton assembles with) reports; -1 if none
+    is said."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as file:
+        file.write(ptx)
+        file.flush()
+        gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        text = subprocess.run([get_ptxas(arch).path, "--gpu-name", gpu, "-v", "-o", os.devnull,
+                               file.name], capture_output=True, text=True).stderr
+    found = re.search(r"(\d+) bytes spill stores", text)
+    return int(found.group(1)) if found else -1
 
 
 def _resources(cubin: bytes) -> dict:
@@ -132,16 +161,19 @@ def main(argv=None) -> int:
         parser.error("unset TRITON_INTERPRET: the interpreter builds no GPU code")
     jobs = [(i, arch) for i in range(len(configurations())) for arch in args.arch]
     failed = 0
-    print(f"{'configuration':<70} {'sm':>3} {'s':>6} {'REG':>4} {'SHARED':>7} {'STACK':>5} {'LOCAL':>5}")
+    print(f"{'configuration':<62} {'sm':>3} {'s':>6} {'REG':>4} {'SHARED':>7} {'STACK':>5} "
+          f"{'LOCAL':>5} {'SPILL':>5}")
     with ProcessPoolExecutor(args.jobs) as pool:
         for name, arch, seconds, usage, error in pool.map(_compile, jobs):
             if error is not None or seconds > args.max_seconds:
                 failed += 1
-                print(f"{name:<70} {arch:>3} {seconds:6.1f} FAILED {error or 'too slow'}")
+                print(f"{name:<62} {arch:>3} {seconds:6.1f} FAILED {error or 'too slow'}")
                 continue
-            print(f"{name:<70} {arch:>3} {seconds:6.1f} {usage['REG']:>4} {usage['SHARED']:>7} "
-                  f"{usage['STACK']:>5} {usage['LOCAL']:>5}")
-    print(f"{len(jobs) - failed} of {len(jobs)} compiled")
+            print(f"{name:<62} {arch:>3} {seconds:6.1f} {usage['REG']:>4} {usage['SHARED']:>7} "
+                  f"{usage['STACK']:>5} {usage['LOCAL']:>5} {usage['SPILL']:>5}")
+    print(f"{len(jobs) - failed} of {len(jobs)} compiled. REG: registers per thread; SHARED: "
+          "bytes per program; STACK / LOCAL: per-thread stack frame / other local memory bytes; "
+          "SPILL: bytes of registers spilled to local memory (ptxas -v)")
     return 1 if failed else 0
 
 

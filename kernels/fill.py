@@ -5,23 +5,34 @@ distance for the fill, the rule's sentinels DEMOTED / PADDING for unscorable / p
 -inf once chosen. Ties go to the lower index everywhere (``tl.argmax`` keeps the first maximum;
 block and grid reductions keep the lowest index among equal maxima). The chosen tokens end with
 fill key -inf, and a prefix sum writes their indices in ascending order: no sort is launched.
+Key arithmetic uses round-to-nearest division and square root (``div_rn`` / ``sqrt_rn``) and
+the launches turn FMA contraction off, so picks do not depend on compiler defaults.
 """
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import globaltimer
 
 from zspaprune_ops.rule import DEMOTED, NORM_EPS, PADDING
 
 _DEMOTED = tl.constexpr(DEMOTED)
 _PADDING = tl.constexpr(PADDING)
 _EPS = tl.constexpr(NORM_EPS)
-_MAX_SPINS = tl.constexpr(1 << 26)
-"""Cap on a grid-barrier wait (seconds of spinning): past it the row reports failure."""
+_WAIT_NS = tl.constexpr(100_000_000)
+"""Longest wait at a grid-wide argmax (100 ms) before the image is marked failed."""
+_LOW = tl.constexpr(0xFFFFFFFF)
 
 
 @triton.jit
-def _token_keys(part_ptr, psq_ptr, counts_ptr, fill_ptr, b, B, offs, inside, N, n_splits):
+def _inverse_norm(squares):
+    """1 / max(sqrt(squares), eps), correctly rounded; NaN stays NaN."""
+    norm = tl.sqrt_rn(squares)
+    return norm, tl.div_rn(tl.full(norm.shape, 1.0, tl.float32), tl.where(norm < _EPS, _EPS, norm))
+
+
+@triton.jit
+def _token_keys(part_ptr, psq_ptr, fill_ptr, b, offs, inside, N, n_splits, count):
     """Launch 1's partial sums -> per token: inverse norm, relevance key and fill key (the
-    rule's sentinels; -inf outside [0, N))."""
+    rule's sentinels; -inf outside [0, N)). ``count``: the image's real prompt tokens."""
     squares = tl.zeros(offs.shape, tl.float32)
     dots = tl.zeros(offs.shape, tl.float32)
     prompt_squares = tl.zeros([], tl.float32)
@@ -31,33 +42,34 @@ def _token_keys(part_ptr, psq_ptr, counts_ptr, fill_ptr, b, B, offs, inside, N, 
                         other=0.0)
         prompt_squares += tl.load(psq_ptr + b * n_splits + j)
     real = inside & (tl.load(fill_ptr + b * N + offs, mask=inside, other=_PADDING) == 0.0)
-    norm = tl.sqrt(squares)
-    inv = 1.0 / tl.where(norm < _EPS, _EPS, norm)  # a NaN norm stays NaN
+    norm, inv = _inverse_norm(squares)
     scorable = norm < float("inf")  # False for NaN and Inf norms
     # relevance = v_hat . p_hat with p_hat = mean / max(|mean|, eps), mean = sum / count
-    count = tl.maximum(tl.load(counts_ptr + 2 * B + b), 1).to(tl.float32)
-    mean_norm = tl.sqrt(prompt_squares) / count
-    relevance = dots * inv / (count * tl.where(mean_norm < _EPS, _EPS, mean_norm))
+    count = tl.maximum(count, 1).to(tl.float32)
+    mean_norm = tl.div_rn(tl.sqrt_rn(prompt_squares), count)
+    relevance = tl.div_rn(dots * inv, count * tl.where(mean_norm < _EPS, _EPS, mean_norm))
+    unscored = relevance != relevance  # test before clamping: min/max drop NaN
     # keep overflowed scores off the sentinels (only features beyond ~1e19 get here)
     relevance = tl.minimum(tl.maximum(relevance, -1.5), 1.5)
-    relevance = tl.where(scorable & (relevance == relevance), relevance, _DEMOTED)
+    relevance = tl.where(scorable & ~unscored, relevance, _DEMOTED)
     relevance = tl.where(real, relevance, _PADDING)
     fill = tl.where(real, tl.where(scorable, float("inf"), _DEMOTED), _PADDING)
     return (inv, tl.where(inside, relevance, float("-inf")),
             tl.where(inside, fill, float("-inf")))
 
+
 @triton.jit
 def _first_key(rel, fill, nearest_ptr, b, offs, inside, N, n_groups, n_core,
                NEED_NEAREST: tl.constexpr):
-    """Key of the first pick: relevance if the row has a core, else DivPrune's."""
+    """Key of the first pick: relevance if the image has a core, else DivPrune's."""
     key = rel
     if NEED_NEAREST:
-        nearest = tl.full(offs.shape, float("-inf"), tl.float32)
-        for g in range(0, n_groups):
-            nearest = tl.maximum(nearest, tl.load(nearest_ptr + (b * n_groups + g) * N + offs,
-                                                  mask=inside, other=float("-inf")))
-        divprune = tl.where(fill == float("inf"), 1.0 - nearest, fill)  # no other: +inf
-        key = tl.where(n_core > 0, rel, divprune)
+        if n_core == 0:
+            nearest = tl.full(offs.shape, float("-inf"), tl.float32)
+            for g in range(0, n_groups):
+                nearest = tl.maximum(nearest, tl.load(nearest_ptr + (b * n_groups + g) * N + offs,
+                                                      mask=inside, other=float("-inf")))
+            key = tl.where(fill == float("inf"), 1.0 - nearest, fill)  # no other: +inf
     return key
 
 
@@ -77,24 +89,29 @@ def _pick_inverse_norm(part_ptr, b, pick, N, n_splits):
     squares = tl.zeros([], tl.float32)
     for j in range(0, n_splits):
         squares += tl.load(part_ptr + ((b * 2) * n_splits + j) * N + pick)
-    norm = tl.sqrt(squares)
-    return 1.0 / tl.where(norm < _EPS, _EPS, norm)
+    return _inverse_norm(squares)[1]
+
+
+@triton.jit
+def _image_core(counts_ptr, b, n_core):
+    """The image's real prompt tokens and core size (0 without a real prompt token)."""
+    count = tl.load(counts_ptr + b)
+    return count, tl.where(count > 0, n_core, 0)
 
 
 @triton.jit
 def _select_gram_kernel(gram_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, fill_ptr, nearest_ptr,
-                        out_ptr, B, N, keep, n_splits, n_groups, NEED_NEAREST: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        out_ptr, N, keep, n_core, n_splits, n_groups,
+                        NEED_NEAREST: tl.constexpr, BLOCK: tl.constexpr):
     """Launch 2 with the Gram scratch: one program per image, all N keys in registers; a step
     is one Gram row load (plus the chosen token's inverse norm), an update and an argmax."""
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     inside = offs < N
-    inv, rel, fill = _token_keys(part_ptr, psq_ptr, counts_ptr, fill_ptr, b, B, offs, inside, N,
-                                 n_splits)
+    count, n_core = _image_core(counts_ptr, b, n_core)
+    inv, rel, fill = _token_keys(part_ptr, psq_ptr, fill_ptr, b, offs, inside, N, n_splits, count)
     tl.store(inv_ptr + b * N + offs, inv, mask=inside)
     tl.debug_barrier()  # each step reads the chosen token's inverse norm back
-    n_core = tl.load(counts_ptr + b)
     key = _first_key(rel, fill, nearest_ptr, b, offs, inside, N, n_groups, n_core, NEED_NEAREST)
     pick = tl.argmax(key, axis=0)
     for step in range(0, keep):
@@ -117,58 +134,75 @@ def _running_argmax(key, offs, best, best_index):
 
 
 @triton.jit
-def _grid_argmax(best, index, cand_val_ptr, cand_idx_ptr, sync_ptr, b, part, P, phase, failed,
-                 PMAX: tl.constexpr):
-    """Global (max, lowest index) over the P programs of image ``b``: each posts its candidate,
-    then waits until all P have posted for this phase (a spin on an atomic counter). With
-    P = 1 the wait ends at once (the only path Triton's interpreter can run). The spin is capped:
-    a grid that is not co-resident marks the row failed (-1 picks) instead of hanging."""
-    slot = (b * 2 + phase % 2) * PMAX  # two slots: a fast program never overwrites a live one
-    tl.store(cand_val_ptr + slot + part, best)
-    tl.store(cand_idx_ptr + slot + part, index)
-    tl.debug_barrier()
-    tl.atomic_add(sync_ptr + b, 1, sem="acq_rel", scope="gpu")
+def _pack(key, index):
+    """(key, index) -> int64 whose signed order is the key's float order, then the lower index
+    (keys are never NaN; -0.0 is made +0.0 so that it ties with +0.0 as floats do)."""
+    bits = tl.where(key == 0.0, 0.0, key).to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (index.to(tl.int64) ^ _LOW)  # low word: ~index
+
+
+@triton.jit
+def _grid_argmax(sync_ptr, best, index, P, phase, ok, N, INTERPRETED: tl.constexpr):
+    """The (max, lowest index) of image b over its P programs, through one packed 64-bit
+    ``atomic_max`` into this phase's slot (reset by launch 0) and an arrival counter.
+
+    sync_ptr: the image's int64 sync words (0: arrivals, 1: failure flag, 2 + phase: slots).
+    Returns (pick, ok). A wait longer than 100 ms, or a failure flagged by another program,
+    makes ``ok`` False for good; the pick is then 0, so it never addresses memory out of range.
+    With P = 1 nothing waits. Triton's interpreter, which runs programs one after another, has
+    no GPU timer: there each poll counts as 0.1 ms, so a forced P > 1 fails after 1000 polls."""
+    slot = sync_ptr + 2 + phase
+    tl.atomic_max(slot, _pack(best, index), sem="relaxed", scope="gpu")
+    tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")  # after the max: release orders it
     target = P * (phase + 1)
-    arrived = tl.atomic_add(sync_ptr + b, 0, sem="acquire", scope="gpu")
-    spins = 0
-    while (arrived < target) & (spins < _MAX_SPINS) & (failed == 0):  # one timeout ends waits
-        arrived = tl.atomic_add(sync_ptr + b, 0, sem="acquire", scope="gpu")
-        spins += 1
-    tl.debug_barrier()
-    parts = tl.arange(0, PMAX)
-    values = tl.load(cand_val_ptr + slot + parts, mask=parts < P, other=float("-inf"),
-                     volatile=True)
-    indices = tl.load(cand_idx_ptr + slot + parts, mask=parts < P, other=2147483647,
-                      volatile=True)
-    top = tl.max(values, axis=0)
-    return tl.min(tl.where(values == top, indices, 2147483647), axis=0), failed | (arrived < target)
+    arrived = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+    waited = tl.zeros([], tl.int64)
+    last = tl.zeros([], tl.int64)
+    while (arrived < target) & ok:
+        arrived = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+        if INTERPRETED:
+            waited += _WAIT_NS // 1000
+        else:
+            now = globaltimer()
+            waited += tl.where(last == 0, 0, now - last)
+            last = now
+        flagged = tl.atomic_add(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
+        ok = (flagged == 0) & (waited < _WAIT_NS)
+    if arrived < target:  # this program gave up: tell the others, they stop waiting too
+        tl.atomic_xchg(sync_ptr + 1, 1, sem="relaxed", scope="gpu")
+    packed = tl.atomic_add(slot, 0, sem="acquire", scope="gpu")
+    pick = ((packed & _LOW) ^ _LOW).to(tl.int32)
+    ok = ok & (arrived >= target) & (pick >= 0) & (pick < N)
+    return tl.where(ok, pick, 0), ok
 
 
 @triton.jit
 def _select_stream_kernel(visual_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, rel_ptr,
-                          fill_ptr, nearest_ptr, cand_val_ptr, cand_idx_ptr, out_ptr, B, N, D,
-                          keep, n_splits, n_groups, P, slice_len, s_vb, s_vn,
+                          fill_ptr, nearest_ptr, sync_ptr, out_ptr, N, D, keep, n_core,
+                          n_splits, n_groups, n_sync, P, slice_len, s_vb, s_vn,
                           NEED_NEAREST: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr, PMAX: tl.constexpr):
+                          BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr):
     """Launch 2 without a Gram scratch, grid (P, B): program ``part`` of image ``b`` owns the
     tokens [part * slice_len, (part + 1) * slice_len); each step it computes the chosen token's
     cosines to them from the features, updates their keys in rel/fill [B, N] and joins the
-    image's grid-wide argmax. P > 1 needs all B * P programs resident at once (the glue sizes
-    the grid to the SM count)."""
+    image's grid-wide argmax (``_grid_argmax``). P > 1 needs all B * P programs resident at
+    once: the host launches it as a cooperative grid. A failed image's row is all -1 and its
+    failure flag (sync word 1) is set; no index outside [0, N) is ever read or written."""
     part = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     lo = part * slice_len
     hi = tl.minimum(lo + slice_len, N)
-    n_core = tl.load(counts_ptr + b)
-    sync_ptr = counts_ptr + B
-    failed = tl.full([], 0, tl.int1)
+    sync = sync_ptr + b * n_sync
+    count, n_core = _image_core(counts_ptr, b, n_core)
+    ok = tl.full([], 1, tl.int1)
     best = tl.full([], float("-inf"), tl.float32)
     pick = tl.full([], 0, tl.int32)
     for n0 in range(lo, hi, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
         inside = offs < hi
-        inv, rel, fill = _token_keys(part_ptr, psq_ptr, counts_ptr, fill_ptr, b, B, offs, inside,
-                                     N, n_splits)
+        inv, rel, fill = _token_keys(part_ptr, psq_ptr, fill_ptr, b, offs, inside, N, n_splits,
+                                     count)
         tl.store(inv_ptr + b * N + offs, inv, mask=inside)
         tl.store(rel_ptr + b * N + offs, rel, mask=inside)
         tl.store(fill_ptr + b * N + offs, fill, mask=inside)
@@ -176,24 +210,24 @@ def _select_stream_kernel(visual_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, re
                          NEED_NEAREST)
         best, pick = _running_argmax(key, offs, best, pick)
     tl.debug_barrier()  # the steps read the keys stored above
-    pick, failed = _grid_argmax(best, pick, cand_val_ptr, cand_idx_ptr, sync_ptr, b, part, P, 0,
-                                failed, PMAX)
+    pick, ok = _grid_argmax(sync, best, pick, P, 0, ok, N, INTERPRETED)
     for step in range(0, keep):
-        pick_ptr = visual_ptr + b * s_vb + pick * s_vn
+        pick_ptr = visual_ptr + b * s_vb + pick.to(tl.int64) * s_vn
         inv_pick = _pick_inverse_norm(part_ptr, b, pick, N, n_splits)
         best = tl.full([], float("-inf"), tl.float32)
         next_pick = tl.full([], 0, tl.int32)
         for n0 in range(lo, hi, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
             inside = offs < hi
+            rows_ptr = visual_ptr + b * s_vb + offs.to(tl.int64)[:, None] * s_vn
             dots = tl.zeros([BLOCK_N], tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 ds = d0 + tl.arange(0, BLOCK_D)
                 in_d = ds < D
                 # the chosen row is scaled first, so a finite-norm token's dot cannot overflow
                 u = tl.load(pick_ptr + ds, mask=in_d, other=0.0).to(tl.float32) * inv_pick
-                v = tl.load(visual_ptr + b * s_vb + offs[:, None] * s_vn + ds[None, :],
-                            mask=inside[:, None] & in_d[None, :], other=0.0).to(tl.float32)
+                v = tl.load(rows_ptr + ds[None, :], mask=inside[:, None] & in_d[None, :],
+                            other=0.0).to(tl.float32)
                 dots += tl.sum(v * u[None, :], axis=1)
             inv = tl.load(inv_ptr + b * N + offs, mask=inside, other=0.0)
             rel = tl.load(rel_ptr + b * N + offs, mask=inside, other=float("-inf"))
@@ -204,13 +238,14 @@ def _select_stream_kernel(visual_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, re
             best, next_pick = _running_argmax(tl.where(step + 1 < n_core, rel, fill), offs,
                                               best, next_pick)
         tl.debug_barrier()  # the next step reads the keys this one stored
-        pick, failed = _grid_argmax(best, next_pick, cand_val_ptr, cand_idx_ptr, sync_ptr, b,
-                                    part, P, step + 1, failed, PMAX)
+        pick, ok = _grid_argmax(sync, best, next_pick, P, step + 1, ok, N, INTERPRETED)
     # a last phase: every program's keys are stored before program 0 reads them all
-    _, failed = _grid_argmax(best, pick, cand_val_ptr, cand_idx_ptr, sync_ptr, b, part, P,
-                             keep + 1, failed, PMAX)
+    tl.debug_barrier()
+    _, ok = _grid_argmax(sync, best, pick, P, keep + 1, ok, N, INTERPRETED)
     if part == 0:
-        ok = 1 - failed.to(tl.int32)  # a failed row is all -1, never partly written
+        ok = ok & (tl.atomic_add(sync + 1, 0, sem="acquire", scope="gpu") == 0)
+        good = ok.to(tl.int32)  # masks use `x * 0 + good`: the interpreter broadcasts a
+        # scalar int1 in `&` to int32 masks, which its store rejects
         written = tl.full([], 0, tl.int32)
         for n0 in range(0, N, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
@@ -219,9 +254,11 @@ def _select_stream_kernel(visual_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, re
             chosen = inside & (fill == float("-inf"))
             position = written + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
             tl.store(out_ptr + b * keep + position, offs.to(tl.int64),
-                     mask=chosen & (position < keep) & (position * 0 + ok != 0))
+                     mask=chosen & (position < keep) & (position * 0 + good != 0))
             written += tl.sum(chosen.to(tl.int32), axis=0)
-        for k0 in range(0, keep, BLOCK_N):
+        for k0 in range(0, keep, BLOCK_N):  # a failed row is all -1, never partly written
             ks = k0 + tl.arange(0, BLOCK_N)
             tl.store(out_ptr + b * keep + ks, tl.full([BLOCK_N], -1, tl.int64),
-                     mask=(ks < keep) & (ks * 0 + ok == 0))
+                     mask=(ks < keep) & (ks * 0 + good == 0))
+        if ok == 0:
+            tl.atomic_xchg(sync + 1, 1, sem="relaxed", scope="gpu")  # the host's failure check

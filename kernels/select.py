@@ -1,45 +1,48 @@
-"""The fused selection's host side: sizing, scratch buffers and the two launches.
+"""The fused selection's host side: sizing, scratch buffers and the three launches.
 
-Launch 1 (``prepare._prepare_kernel``, fully parallel over B x row tiles x jobs) computes
-per-token partial sums (squared norms, dots with the prompt sum) over feature splits and, where
-needed, Gram tiles (stored for moderate N) or each token's nearest-other cosine (DivPrune's first
-pick). Launch 2 (``fill``) runs core top-k and the farthest-point fill per image: over Gram rows
-with all keys in registers (``_select_gram_kernel``) or, without the N x N scratch, computing
-the chosen token's cosines from the features (``_select_stream_kernel``, keys in an O(B·N)
-scratch, each image spread over co-resident programs that meet in a grid-wide argmax).
-No host-device sync, no Python loop over keep: CUDA-graph capturable. See kernels/README.md.
+Launch 0 (``prepare._prompt_kernel``) sums the real prompt tokens once per image. Launch 1
+(``prepare._prepare_kernel``, fully parallel over B x row tiles x jobs) computes per-token
+partial sums (squared norms, dots with the prompt sum) over feature splits and, where needed,
+Gram tiles (stored for moderate N) or each token's nearest-other cosine (DivPrune's first pick).
+Launch 2 (``fill``) runs core top-k and the farthest-point fill per image: over Gram rows with
+all keys in registers (``_select_gram_kernel``) or, without the N x N scratch, computing the
+chosen token's cosines from the features (``_select_stream_kernel``, keys in an O(B·N) scratch,
+each image spread over the programs of a cooperative grid that meet in a grid-wide argmax).
+No host-device sync (but the failure check below), no Python loop over keep: CUDA-graph
+capturable. See kernels/README.md.
 """
 import contextlib
+import functools
 
 import torch
 import triton
 
+from zspaprune_ops import _validate
 from zspaprune_ops.rule import core_size, may_start_with_divprune
 
 from .fill import _select_gram_kernel, _select_stream_kernel
-from .prepare import _prepare_kernel
+from .prepare import _prepare_kernel, _prompt_kernel
 
 TILE = 64
 """Rows and columns of a launch-1 tile (a 64x64 float32 accumulator)."""
 PREPARE_WARPS = 8
 """Warps of launch 1: with 4, the 64x64 tiles spill (see ``python -m zspaprune_ops.kernels.aot``)."""
+PROMPT_BLOCK_D, PROMPT_BLOCK_T, PROMPT_WARPS = 32, 256, 8
+"""Launch 0 tile: features x prompt rows per load (T = 2900 takes 12 dependent loads)."""
 
 
 def tile_k(dtype: torch.dtype) -> int:
     """Feature chunk of launch 1: float32 products are not on tensor cores, so a smaller chunk
-    keeps their tiles in registers."""
-    return 32 if dtype == torch.float32 else 64
+    keeps their tiles in registers (32 spills on sm_80 with the nearest-neighbour pass)."""
+    return 16 if dtype == torch.float32 else 64
 
 
 SPLIT_FEATURES, MAX_SPLITS = 512, 16
-"""Launch 1 splits the row statistics over the features (partial sums, added by launch 2), so
-no program walks all D features times all T prompt tokens alone."""
-PROMPT_ROWS = 32
-"""Prompt tokens summed per chunk by the row-statistics job."""
+"""Launch 1 splits the row statistics over the features (partial sums, added by launch 2)."""
 GRAM_MAX_N = 4096
 """Largest N that uses the Gram scratch (its launch 2 keeps the keys in registers)."""
 GRAM_MAX_BYTES = 1 << 30
-"""Bound on the [B, N, N] float32 Gram scratch; larger batches stream the features."""
+"""Bound on the [chunk, N, N] float32 Gram scratch: a larger batch runs in chunks of images."""
 NEAREST_GROUP_COLS = 2048
 """Streaming mode: columns one launch-1 program scans for the DivPrune nearest neighbour."""
 REGISTER_BLOCKS = ((256, 1), (1024, 2), (4096, 8))
@@ -48,25 +51,35 @@ each step's argmax is then mostly warp shuffles (latency-bound loop); 4096 needs
 STREAM_BLOCK_N, STREAM_BLOCK_D, STREAM_WARPS = 32, 256, 4
 """Streaming-mode launch 2 tile: tokens x features per on-the-fly dot product chunk."""
 MAX_PARTS = 256
-"""Most programs per image in the cooperative streaming launch 2 (a power of two)."""
+"""Most programs per image in the cooperative streaming launch 2."""
 COOPERATIVE = True
-"""Spread each image of the streaming launch 2 over several co-resident programs on CUDA.
-Unverified on a GPU so far; False gives one program per image (what the interpreter runs)."""
+"""Spread each image of the streaming launch 2 over the programs of a cooperative grid on
+CUDA; False gives one program per image (what the interpreter runs)."""
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+"""Compile options of every launch: no FMA contraction, so picks do not depend on Triton's
+default (which changes in 3.10)."""
 
 
-def uses_gram(batch: int, n: int) -> bool:
-    """Whether launch 2 walks a float32 [B, N, N] Gram scratch (moderate N, bounded bytes)."""
-    return n <= GRAM_MAX_N and batch * n * n * 4 <= GRAM_MAX_BYTES
+def uses_gram(n: int) -> bool:
+    """Whether launch 2 walks a float32 Gram scratch (moderate N; the batch is chunked)."""
+    return n <= GRAM_MAX_N
 
 
-def stream_parts(batch: int, n: int, device: torch.device) -> int:
-    """Programs per image of the streaming launch 2: all B * parts programs must be resident at
-    once for the grid-wide argmax, so at most one per SM (host-side query, no sync); 1 off CUDA
-    (Triton's interpreter runs programs one after another) or with ``COOPERATIVE`` off."""
+def gram_chunk(batch: int, n: int) -> int:
+    """Images per launch sequence in Gram mode: the [chunk, N, N] scratch stays under
+    GRAM_MAX_BYTES (a larger batch runs in several chunks instead of switching to streaming)."""
+    return max(1, min(batch, GRAM_MAX_BYTES // (n * n * 4)))
+
+
+def stream_parts(batch: int, n: int, device: torch.device, per_sm: int = 1) -> int:
+    """Programs per image of the streaming launch 2: the B * parts programs form a cooperative
+    grid, so they must fit on the GPU at once: ``per_sm`` programs per SM (the compiled
+    kernel's occupancy) times the SM count. 1 off CUDA (Triton's interpreter runs programs one
+    after another) or with ``COOPERATIVE`` off."""
     if not COOPERATIVE or device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(MAX_PARTS, sms // batch, triton.cdiv(n, STREAM_BLOCK_N)))
+    return max(1, min(MAX_PARTS, sms, sms * per_sm // batch, triton.cdiv(n, STREAM_BLOCK_N)))
 
 
 def register_block(n: int):
@@ -76,63 +89,143 @@ def register_block(n: int):
 
 def select_batched(visual, prompt, keep, relevance_ratio, prompt_mask=None, visual_mask=None,
                    *, gram=None, parts=None):
-    """The selection on checked batched inputs, in two kernel launches; same contract as
-    ``zspaprune_ops.reference.naive.select_batched``.
+    """The selection on checked batched inputs, in three kernel launches (per chunk of images
+    in Gram mode); same contract as ``zspaprune_ops.reference.naive.select_batched``.
 
     visual [B, N, D] and prompt [B, T, D] (float16/bfloat16/float32; a feature stride other
     than 1 costs a contiguous copy), masks bool [B, T] / [B, N] or None. Returns int64
-    [B, keep], ascending rows. ``gram`` forces (True) or forbids (False) the [B, N, N] scratch
+    [B, keep], ascending rows. ``gram`` forces (True) or forbids (False) the Gram scratch
     (default: ``uses_gram``); ``parts``: programs per image of the streaming launch 2 (default:
-    ``stream_parts``). Extra memory, float32: [B, N] x (3 + 2 * feature splits) for keys and
-    partial sums, the Gram scratch if used, and [B, ceil(N / 2048), N] nearest-neighbour maxima
-    ([B, ceil(N / 64), N] in Gram mode) when a row can start with DivPrune's pick.
+    ``stream_parts``). Extra memory, float32: [B, N] x (3 + 2 * feature splits) and [B, D] for
+    keys and partial sums, a [chunk, N, N] Gram scratch (<= GRAM_MAX_BYTES) in Gram mode,
+    [B, ceil(N / 2048), N] nearest-neighbour maxima ([B, ceil(N / 64), N] in Gram mode) when a
+    row can start with DivPrune's pick, and int64 [B, keep + 4] sync words when streaming.
+
+    Raises RuntimeError if a cooperative row failed (a grid-wide wait timed out; its row is then
+    all -1): checked with one sync, only on that path, unless value checks are off or a CUDA
+    graph is being captured (then the caller sees the -1 row).
     """
     visual, prompt = _rows_contiguous(visual), _rows_contiguous(prompt)
+    B, N, _ = visual.shape
+    gram = uses_gram(N) if gram is None else gram
+    picks = torch.empty(B, keep, device=visual.device, dtype=torch.int64)
+    guard = torch.cuda.device(visual.device) if visual.is_cuda else contextlib.nullcontext()
+    chunk = gram_chunk(B, N) if gram else B
+    with guard:
+        for start in range(0, B, chunk):
+            rows = slice(start, start + chunk)
+            _select_chunk(visual[rows], prompt[rows], keep, relevance_ratio,
+                          None if prompt_mask is None else prompt_mask[rows],
+                          None if visual_mask is None else visual_mask[rows], gram, parts,
+                          picks[rows])
+    return picks
+
+
+def _select_chunk(visual, prompt, keep, relevance_ratio, prompt_mask, visual_mask, gram, parts,
+                  picks):
     B, N, D = visual.shape
     T = prompt.shape[1]
-    gram = uses_gram(B, N) if gram is None else gram
+    n_core = core_size(keep, relevance_ratio)
     nearest_needed = may_start_with_divprune(T, keep, relevance_ratio, prompt_mask is not None)
     n_splits, split_len = feature_splits(D, tile_k(visual.dtype))
     n_tiles = triton.cdiv(N, TILE)
     tiles_per_group = 1 if gram else NEAREST_GROUP_COLS // TILE
     n_groups = triton.cdiv(n_tiles, tiles_per_group) if gram or nearest_needed else 0
+    n_sync = 0 if gram else keep + 4
 
-    device = visual.device
-    f32 = dict(device=device, dtype=torch.float32)
-    inv, rel, fill = torch.empty(3, B, N, **f32).unbind(0)
-    part = torch.empty(B, 2, n_splits, N, **f32)
-    psq = torch.empty(B, n_splits, **f32)
-    counts = torch.empty(3, B, device=device, dtype=torch.int32)
-    picks = torch.empty(B, keep, device=device, dtype=torch.int64)
-    gram_scratch = torch.empty(B, N, N, **f32) if gram else inv
-    nearest = torch.empty(B, n_groups, N, **f32) if nearest_needed else inv
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard:
-        _prepare_kernel[(n_tiles, n_splits + n_groups, B)](
-            visual, prompt, _or(prompt_mask, inv), _or(visual_mask, inv), part, psq, fill,
-            counts, gram_scratch, nearest, B, N, D, T, core_size(keep, relevance_ratio),
-            n_splits, split_len, tiles_per_group, n_groups, *visual.stride()[:2],
-            *prompt.stride()[:2], *_strides(prompt_mask), *_strides(visual_mask),
-            HAS_PMASK=prompt_mask is not None, HAS_VMASK=visual_mask is not None,
-            STORE_GRAM=gram, NEED_NEAREST=nearest_needed,
-            DOT_FP32=visual.dtype == torch.bfloat16 and _interpreted(), BM=TILE,
-            BK=tile_k(visual.dtype), BT=PROMPT_ROWS, num_warps=PREPARE_WARPS)
-        if gram:
-            block, warps = register_block(N)
-            _select_gram_kernel[(B,)](gram_scratch, part, psq, counts, inv, fill, nearest, picks,
-                                      B, N, keep, n_splits, n_groups,
-                                      NEED_NEAREST=nearest_needed, BLOCK=block, num_warps=warps)
-        else:
-            parts = stream_parts(B, N, device) if parts is None else parts
-            slice_len = triton.cdiv(triton.cdiv(N, parts), STREAM_BLOCK_N) * STREAM_BLOCK_N
-            cand_val = torch.empty(B, 2, MAX_PARTS, **f32)
-            cand_idx = torch.empty(B, 2, MAX_PARTS, device=device, dtype=torch.int32)
-            _select_stream_kernel[(parts, B)](
-                visual, part, psq, counts, inv, rel, fill, nearest, cand_val, cand_idx, picks,
-                B, N, D, keep, n_splits, n_groups, parts, slice_len, *visual.stride()[:2],
-                NEED_NEAREST=nearest_needed, BLOCK_N=STREAM_BLOCK_N, BLOCK_D=STREAM_BLOCK_D,
-                PMAX=MAX_PARTS, num_warps=STREAM_WARPS)
-    return picks
+    # one float32 allocation, carved up (each allocation costs host time)
+    sizes = {"keys": 3 * B * N, "part": B * 2 * n_splits * N, "psum": B * D, "psq": B * n_splits,
+             "gram": B * N * N if gram else 0, "nearest": B * n_groups * N if nearest_needed else 0}
+    scratch = torch.empty(sum(sizes.values()), device=visual.device, dtype=torch.float32)
+    views, offset = {}, 0
+    for name, size in sizes.items():
+        views[name] = scratch[offset:offset + size]
+        offset += size
+    inv, rel, fill = views["keys"].view(3, B, N).unbind(0)
+    counts = torch.empty(B, device=visual.device, dtype=torch.int32)
+    sync = torch.empty(B, max(n_sync, 1), device=visual.device, dtype=torch.int64)
+    gram_scratch = views["gram"] if gram else inv
+    nearest = views["nearest"] if nearest_needed else inv
+
+    _prompt_kernel[(triton.cdiv(D, PROMPT_BLOCK_D), B)](
+        prompt, _or(prompt_mask, inv), views["psum"], counts, sync, T, D, n_sync,
+        *prompt.stride()[:2], *_strides(prompt_mask), HAS_PMASK=prompt_mask is not None,
+        BD=PROMPT_BLOCK_D, BT=PROMPT_BLOCK_T, num_warps=PROMPT_WARPS, **LAUNCH_OPTIONS)
+    _prepare_kernel[(n_tiles, n_splits + n_groups, B)](
+        visual, _or(visual_mask, inv), views["psum"], counts, views["part"], views["psq"], fill,
+        gram_scratch, nearest, N, D, n_core, n_splits, split_len, tiles_per_group, n_groups,
+        *visual.stride()[:2], *_strides(visual_mask), HAS_VMASK=visual_mask is not None,
+        STORE_GRAM=gram, NEED_NEAREST=nearest_needed,
+        DOT_FP32=visual.dtype == torch.bfloat16 and _interpreted(), BM=TILE,
+        BK=tile_k(visual.dtype), num_warps=PREPARE_WARPS, **LAUNCH_OPTIONS)
+    if gram:
+        block, warps = register_block(N)
+        _select_gram_kernel[(B,)](gram_scratch, views["part"], views["psq"], counts, inv, fill,
+                                  nearest, picks, N, keep, n_core, n_splits, n_groups,
+                                  NEED_NEAREST=nearest_needed, BLOCK=block, num_warps=warps,
+                                  **LAUNCH_OPTIONS)
+        return
+    args = (visual, views["part"], views["psq"], counts, inv, rel, fill, nearest, sync, picks,
+            N, D, keep, n_core, n_splits, n_groups, n_sync)
+    parts = _launch_stream(args, B, N, visual, parts, nearest_needed)
+    if parts > 1 and _should_check(visual):
+        failed = sync[:, 1]
+        if bool(failed.any()):
+            raise RuntimeError(
+                f"zspaprune: the cooperative selection kernel timed out for images "
+                f"{failed.nonzero().flatten().tolist()} of this call (their rows are -1); set "
+                "zspaprune_ops.kernels.select.COOPERATIVE = False to run one program per image")
+
+
+def _launch_stream(args, B, N, visual, parts, nearest_needed) -> int:
+    """Launch the streaming launch 2 with ``parts`` programs per image (default: as many as
+    fit at once, as a cooperative grid); falls back to one program per image if the driver
+    refuses the cooperative launch. Returns the programs per image used."""
+    def launch(p, warmup=False):
+        slice_len = triton.cdiv(triton.cdiv(N, p), STREAM_BLOCK_N) * STREAM_BLOCK_N
+        options = dict(LAUNCH_OPTIONS, launch_cooperative_grid=True) if p > 1 else LAUNCH_OPTIONS
+        kernel = (functools.partial(_select_stream_kernel.warmup, grid=(p, B)) if warmup
+                  else _select_stream_kernel[(p, B)])
+        return kernel(*args, p, slice_len, *visual.stride()[:2], NEED_NEAREST=nearest_needed,
+                      BLOCK_N=STREAM_BLOCK_N, BLOCK_D=STREAM_BLOCK_D, INTERPRETED=_interpreted(),
+                      num_warps=STREAM_WARPS, **options)
+
+    if parts is None:
+        per_sm = _programs_per_sm(launch(2, warmup=True)) if visual.is_cuda else 1
+        parts = stream_parts(B, N, visual.device, per_sm)
+    if parts == 1:
+        launch(1)
+        return 1
+    try:
+        launch(parts)
+    except RuntimeError as error:  # e.g. CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE
+        if "cooperative" not in str(error).lower() and "too large" not in str(error).lower():
+            raise
+        launch(1)
+        return 1
+    return parts
+
+
+def _programs_per_sm(kernel) -> int:
+    """Occupancy of a compiled kernel (programs resident per SM) from its registers, shared
+    memory and warps, as CUDA allocates them; 1 where a field cannot be read."""
+    try:
+        kernel._init_handles()
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        warps = kernel.metadata.num_warps
+        regs_per_warp = triton.cdiv(max(kernel.n_regs, 1) * 32, 256) * 256
+        by_regs = props.regs_per_multiprocessor // (regs_per_warp * warps)
+        by_threads = props.max_threads_per_multi_processor // (warps * 32)
+        shared = kernel.metadata.shared
+        by_shared = props.shared_memory_per_multiprocessor // (shared + 1024) if shared else 32
+        return max(1, min(by_regs, by_threads, by_shared, 32))
+    except Exception:  # noqa: BLE001 (a field missing in this torch/Triton version: be safe)
+        return 1
+
+
+def _should_check(visual) -> bool:
+    return _validate.value_checks_enabled() and not (
+        visual.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def feature_splits(d: int, chunk: int):

@@ -225,8 +225,9 @@ def test_op_with_kernels_compiles_fullgraph(op_runs_kernels, dynamic):
 
 
 def test_cooperative_grid_fits_the_gpu(monkeypatch):
-    """The streaming launch 2 spreads an image over at most one program per SM in total (they
-    must all be resident for the grid-wide argmax); 1 program per image off CUDA."""
+    """The streaming launch 2 is a cooperative grid: B * parts programs must be resident at
+    once, so parts <= SMs * programs per SM (the compiled kernel's occupancy) / B, and at most
+    one program per SM per image; 1 program per image off CUDA."""
     from types import SimpleNamespace
 
     from zspaprune_ops.kernels import select as module
@@ -235,12 +236,34 @@ def test_cooperative_grid_fits_the_gpu(monkeypatch):
                         lambda device: SimpleNamespace(multi_processor_count=132))
     cuda = torch.device("cuda")
     assert module.stream_parts(8, 32768, cuda) == 16
-    assert module.stream_parts(1, 32768, cuda) == 132
+    assert module.stream_parts(8, 32768, cuda, per_sm=4) == 66
+    assert module.stream_parts(1, 32768, cuda, per_sm=4) == 132
     assert module.stream_parts(200, 32768, cuda) == 1
     blocks = math.ceil(100 / module.STREAM_BLOCK_N)
     assert module.stream_parts(1, 100, cuda) == blocks  # never more parts than token blocks
     monkeypatch.setattr(module, "COOPERATIVE", False)
     assert module.stream_parts(8, 32768, cuda) == 1
+
+
+def test_occupancy_from_the_compiled_kernel(monkeypatch):
+    """Programs per SM as CUDA allocates registers (per warp, in units of 256), threads and
+    shared memory; 1 where the kernel's fields cannot be read."""
+    from types import SimpleNamespace
+
+    from zspaprune_ops.kernels import select as module
+    props = SimpleNamespace(regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
+                            shared_memory_per_multiprocessor=233472)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    def kernel(regs, warps, shared):
+        return SimpleNamespace(_init_handles=lambda: None, n_regs=regs,
+                               metadata=SimpleNamespace(num_warps=warps, shared=shared))
+
+    assert module._programs_per_sm(kernel(40, 4, 0)) == 12  # registers: 65536 / (1280 * 4)
+    assert module._programs_per_sm(kernel(32, 4, 0)) == 16  # threads: 2048 / 128
+    assert module._programs_per_sm(kernel(32, 4, 100000)) == 2  # shared memory
+    assert module._programs_per_sm(SimpleNamespace()) == 1
 
 
 def scratch_bytes(monkeypatch, B, N, D, T, keep, ratio):
@@ -253,7 +276,8 @@ def scratch_bytes(monkeypatch, B, N, D, T, keep, ratio):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    for name in ("_prepare_kernel", "_select_gram_kernel", "_select_stream_kernel"):
+    for name in ("_prompt_kernel", "_prepare_kernel", "_select_gram_kernel",
+                 "_select_stream_kernel"):
         monkeypatch.setattr(module, name, NoLaunch())
     allocated = []
 
@@ -278,3 +302,96 @@ def test_extra_memory_at_n32768_b8_is_far_under_1gb(monkeypatch):
     assert scratch_bytes(monkeypatch, 8, 32768, 4096, 64, 3276, 0.0) < 100 * 2**20
     # the count sees the scratch: LLaVA-1.5's shape uses the [B, N, N] float32 Gram matrix
     assert scratch_bytes(monkeypatch, 1, 576, 4096, 64, 64, 0.5) >= 576 * 576 * 4
+
+
+NONFINITE = {
+    "finite": lambda visual, prompt: None,
+    "nan-prompt": lambda visual, prompt: prompt[:, 0, 0].fill_(math.nan),
+    "inf-prompt": lambda visual, prompt: prompt[:, -1, 1].fill_(math.inf),
+}
+NONFINITE_TOKENS = {
+    "finite": lambda visual: None,
+    "nan-token": lambda visual: visual[:, 0, 0].fill_(math.nan),
+    "inf-tokens": lambda visual: (visual[:, 3, 2].fill_(-math.inf), visual[:, 9, 0].fill_(math.inf)),
+}
+
+
+@MODES
+@pytest.mark.parametrize("masks", [False, True], ids=["no-masks", "masks"])
+@pytest.mark.parametrize("tokens", list(NONFINITE_TOKENS))
+@pytest.mark.parametrize("prompt_case", list(NONFINITE))
+def test_nonfinite_prompt_and_tokens_equal_the_reference(prompt_case, tokens, masks, gram):
+    """Every combination of a non-finite prompt, non-finite tokens and masks, both modes: the
+    picks equal the reference's exactly (NaN relevance is demoted, not clamped into range).
+    The issue's case: N=16, D=64, T=3, NaN in prompt[0, 0, 0] and visual[0, 0, 0]."""
+    g = torch.Generator().manual_seed(0)
+    visual, prompt = torch.randn(2, 16, 64, generator=g), torch.randn(2, 3, 64, generator=g)
+    NONFINITE[prompt_case](visual, prompt)
+    NONFINITE_TOKENS[tokens](visual)
+    prompt_mask = visual_mask = None
+    if masks:
+        prompt_mask = torch.tensor([[True, False, True], [False, True, True]])
+        visual_mask = torch.ones(2, 16, dtype=torch.bool)
+        visual_mask[:, 12:] = False
+    visual, prompt = visual.to(DEVICE), prompt.to(DEVICE)
+    prompt_mask, visual_mask = (None if m is None else m.to(DEVICE) for m in (prompt_mask, visual_mask))
+    for keep, ratio in ((4, 1.0), (4, 0.5), (7, 0.0), (12, 0.5)):
+        kept = kernel_select(visual, prompt, keep, ratio, prompt_mask, visual_mask, gram=gram)
+        assert torch.equal(kept, reference_select(visual, prompt, keep, ratio, prompt_mask,
+                                                  visual_mask)), (keep, ratio)
+
+
+def test_the_issues_nan_case_gives_the_references_picks():
+    g = torch.Generator().manual_seed(0)
+    visual, prompt = torch.randn(1, 16, 64, generator=g), torch.randn(1, 3, 64, generator=g)
+    prompt[0, 0, 0] = visual[0, 0, 0] = math.nan
+    for gram in (True, False):
+        assert kernel_select(visual, prompt, 4, 1.0, gram=gram).tolist() == [[0, 1, 2, 3]]
+        assert torch.equal(kernel_select(visual, prompt, 4, 0.5, gram=gram),
+                           reference_select(visual, prompt, 4, 0.5))
+
+
+@MODES
+def test_offsets_past_2_31_elements(gram):
+    """Row offsets row * stride >= 2^31 elements (a long video: N * D >= 2^31) need 64-bit
+    address arithmetic. Rows 2^22 + 8 elements apart in an untouched 4.4 GB float16 buffer
+    (only the rows' 8 features are ever written) reach 2.2e9 elements at row 519."""
+    N, D, stride = 520, 8, (1 << 22) + 8
+    base = torch.empty(N * stride, dtype=torch.float16, device=DEVICE)
+    visual = base.as_strided((1, N, D), (N * stride, stride, 1))
+    g = torch.Generator().manual_seed(3)
+    visual.copy_(torch.randn(1, N, D, generator=g).to(DEVICE, torch.float16))
+    prompt = torch.randn(1, 2, D, generator=g).to(DEVICE, torch.float16)
+    assert (N - 1) * stride >= 2**31
+    for keep, ratio in ((5, 0.4), (3, 0.0)):
+        kept = kernel_select(visual, prompt, keep, ratio, gram=gram)
+        assert torch.equal(kept, reference_select(visual.contiguous(), prompt, keep, ratio))
+
+
+def test_large_batches_run_in_gram_chunks(monkeypatch):
+    """A batch whose [B, N, N] Gram scratch would pass GRAM_MAX_BYTES runs in chunks of images
+    (not the much slower streaming mode): the same picks as the reference, masks included."""
+    from zspaprune_ops.kernels import select as module
+    monkeypatch.setattr(module, "GRAM_MAX_BYTES", 2 * 30 * 30 * 4)  # 2 images per chunk
+    assert module.gram_chunk(5, 30) == 2 and module.uses_gram(30)
+    visual, prompt, prompt_mask, visual_mask = make_case(21, 5, 30, 16, 4, prompt_padding=True,
+                                                         visual_padding=True)
+    check(visual, prompt, 8, 0.5, prompt_mask, visual_mask, gram=None)
+
+
+def test_a_timed_out_cooperative_row_fails_safely():
+    """Forced P = 2 under Triton's interpreter, which runs program 0 to the end before program 1
+    starts: program 0's first wait times out. The image is flagged failed, its row is all -1
+    (never partly written, never an index outside [0, N)), and the call raises; with value
+    checks off the caller gets the -1 row."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the cooperative grid is resident: no timeout to provoke")
+    visual, prompt, _, _ = make_case(22, 2, 40, 8, 3)
+    with pytest.raises(RuntimeError, match="timed out for images \\[0, 1\\]"):
+        kernel_select(visual, prompt, 5, 0.5, gram=False, parts=2)
+    checks = zspaprune_ops.set_value_checks(False)
+    try:
+        kept = kernel_select(visual, prompt, 5, 0.5, gram=False, parts=2)
+    finally:
+        zspaprune_ops.set_value_checks(checks)
+    assert torch.equal(kept, torch.full((2, 5), -1))

@@ -27,6 +27,11 @@ def set_value_checks(enabled: bool) -> bool:
     return previous
 
 
+def value_checks_enabled() -> bool:
+    """Whether checks that read values (and sync with the device) run: see set_value_checks."""
+    return _value_checks
+
+
 @dataclass
 class Batch:
     """Validated inputs viewed as a batch: visual [B, N, D], prompt [B, T, D], masks [B, *]."""
