@@ -70,7 +70,8 @@ def _prepare(k, visual, vmask, gram, nearest):
     signature = _signature(k._prepare_kernel, {
         "visual_ptr": f"*{visual}", "vmask_ptr": _mask(vmask), "counts_ptr": "*i32"})
     constexprs = {"HAS_VMASK": vmask, "STORE_GRAM": gram, "NEED_NEAREST": nearest,
-                  "DOT_FP32": False, "BM": k.TILE, "BK": k.tile_k(_TORCH[visual])}
+                  "DOT_FP32": False, "BM": k.TILE,
+                  "BK": k.tile_k(_TORCH[visual])}
     return name, "_prepare_kernel", signature, constexprs, k.PREPARE_WARPS
 
 

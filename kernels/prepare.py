@@ -86,59 +86,107 @@ def _row_stats(visual_ptr, vmask_ptr, psum_ptr, part_ptr, psq_ptr, fill_ptr, b, 
 
 
 @triton.jit
-def _gram_group(visual_ptr, vmask_ptr, gram_ptr, nearest_ptr, b, tile_m, group, N, D,
-                tiles_per_group, n_groups, s_vb, s_vn, s_vmb, s_vmn, need_nearest,
-                HAS_VMASK: tl.constexpr, STORE_GRAM: tl.constexpr, NEED_NEAREST: tl.constexpr,
-                DOT_FP32: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    """Gram tiles of one row tile against a group of column tiles: stored (STORE_GRAM) and/or
-    reduced to each row's largest cosine to another real token (NEED_NEAREST, and only for
-    images whose first pick is DivPrune's: ``need_nearest``)."""
-    rows = tile_m * BM + tl.arange(0, BM)
-    in_rows = rows < N
-    nearest = tl.full([BM], float("-inf"), tl.float32)
-    first = group * tiles_per_group
-    stop = tl.minimum(first + tiles_per_group, tl.cdiv(N, BM))
+def _tile_dot(visual_ptr, b, rows, cols, N, D, s_vb, s_vn, SQUARES: tl.constexpr,
+              DOT_FP32: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """Raw dot products V[rows] V[cols]^T of one tile (float32 accumulation) and, if SQUARES,
+    the rows' and columns' squared norms summed in the same K loop."""
     row_ptr = visual_ptr + b * s_vb + rows.to(tl.int64)[:, None] * s_vn
-    for tile_n in range(first, stop):
+    col_ptr = visual_ptr + b * s_vb + cols.to(tl.int64)[:, None] * s_vn
+    gram = tl.zeros([BM, BM], tl.float32)
+    row_squares = tl.zeros([BM], tl.float32)
+    col_squares = tl.zeros([BM], tl.float32)
+    for k0 in range(0, D, BK):
+        ks = k0 + tl.arange(0, BK)
+        in_k = ks < D
+        a = tl.load(row_ptr + ks[None, :], mask=(rows < N)[:, None] & in_k[None, :], other=0.0)
+        c = tl.load(col_ptr + ks[None, :], mask=(cols < N)[:, None] & in_k[None, :], other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            c = c.to(tl.float32)
+        gram = tl.dot(a, tl.trans(c), gram, input_precision="ieee")
+        if SQUARES:  # cheap beside the dot: no branch in the K loop
+            a32 = a.to(tl.float32)
+            c32 = c.to(tl.float32)
+            row_squares += tl.sum(a32 * a32, axis=1)
+            col_squares += tl.sum(c32 * c32, axis=1)
+    return gram, row_squares, col_squares
+
+
+@triton.jit
+def _cosine(gram, row_squares, col_squares):
+    row_norm = tl.sqrt_rn(row_squares)
+    col_norm = tl.sqrt_rn(col_squares)
+    return tl.div_rn(tl.div_rn(gram, tl.where(row_norm < _EPS, _EPS, row_norm)[:, None]),
+                     tl.where(col_norm < _EPS, _EPS, col_norm)[None, :])
+
+
+@triton.jit
+def _real(vmask_ptr, b, tokens, N, s_vmb, s_vmn, HAS_VMASK: tl.constexpr):
+    real = tokens < N
+    if HAS_VMASK:
+        real &= tl.load(vmask_ptr + b * s_vmb + tokens * s_vmn, mask=real, other=0) != 0
+    return real
+
+
+@triton.jit
+def _nearest_of_rows(cosine, rows, cols, col_real):
+    """Each row's largest cosine to another real column (diagonal and NaN excluded)."""
+    other = col_real[None, :] & (rows[:, None] != cols[None, :]) & (cosine == cosine)
+    return tl.max(tl.where(other, cosine, float("-inf")), axis=1)
+
+
+@triton.jit
+def _gram_tile(visual_ptr, vmask_ptr, gram_ptr, nearest_ptr, b, tile_m, tile_n, N, D, n_groups,
+               s_vb, s_vn, s_vmb, s_vmn, need_nearest, HAS_VMASK: tl.constexpr,
+               NEED_NEAREST: tl.constexpr, DOT_FP32: tl.constexpr, BM: tl.constexpr,
+               BK: tl.constexpr):
+    """Gram mode: tile (tile_m, tile_n) of the upper triangle (programs below it end at once),
+    stored with its mirror, so each pair of features is multiplied once. With NEED_NEAREST (for
+    an image whose first pick is DivPrune's), the tile's row maxima go to nearest group tile_n
+    and, off the diagonal, its column maxima to group tile_m: every (group, token) slot of the
+    [B, tiles, N] maxima is written by exactly one program."""
+    if tile_n >= tile_m:
+        rows = tile_m * BM + tl.arange(0, BM)
         cols = tile_n * BM + tl.arange(0, BM)
+        in_rows = rows < N
         in_cols = cols < N
-        col_ptr = visual_ptr + b * s_vb + cols.to(tl.int64)[:, None] * s_vn
-        gram = tl.zeros([BM, BM], tl.float32)
-        row_squares = tl.zeros([BM], tl.float32)
-        col_squares = tl.zeros([BM], tl.float32)
-        for k0 in range(0, D, BK):
-            ks = k0 + tl.arange(0, BK)
-            in_k = ks < D
-            a = tl.load(row_ptr + ks[None, :], mask=in_rows[:, None] & in_k[None, :], other=0.0)
-            c = tl.load(col_ptr + ks[None, :], mask=in_cols[:, None] & in_k[None, :], other=0.0)
-            if DOT_FP32:
-                a = a.to(tl.float32)
-                c = c.to(tl.float32)
-            gram = tl.dot(a, tl.trans(c), gram, input_precision="ieee")
-            if NEED_NEAREST:  # cheap beside the dot: no branch in the K loop
-                a32 = a.to(tl.float32)
-                c32 = c.to(tl.float32)
-                row_squares += tl.sum(a32 * a32, axis=1)
-                col_squares += tl.sum(c32 * c32, axis=1)
-        if STORE_GRAM:
-            tl.store(gram_ptr + (b * N + rows[:, None]) * N + cols[None, :], gram,
-                     mask=in_rows[:, None] & in_cols[None, :])
+        gram, row_squares, col_squares = _tile_dot(visual_ptr, b, rows, cols, N, D, s_vb, s_vn,
+                                                   NEED_NEAREST, DOT_FP32, BM, BK)
+        tile = in_rows[:, None] & in_cols[None, :]
+        tl.store(gram_ptr + (b * N + rows[:, None]) * N + cols[None, :], gram, mask=tile)
+        if tile_n != tile_m:
+            tl.store(gram_ptr + (b * N + cols[:, None]) * N + rows[None, :], tl.trans(gram),
+                     mask=tl.trans(tile))
         if NEED_NEAREST:
             if need_nearest:
-                row_norm = tl.sqrt_rn(row_squares)
-                col_norm = tl.sqrt_rn(col_squares)
-                cosine = tl.div_rn(tl.div_rn(gram, tl.where(row_norm < _EPS, _EPS, row_norm)[:, None]),
-                                   tl.where(col_norm < _EPS, _EPS, col_norm)[None, :])
-                other = in_cols
-                if HAS_VMASK:
-                    other &= tl.load(vmask_ptr + b * s_vmb + cols * s_vmn, mask=in_cols,
-                                     other=0) != 0
-                other2 = other[None, :] & (rows[:, None] != cols[None, :]) & (cosine == cosine)
-                nearest = tl.maximum(nearest,
-                                     tl.max(tl.where(other2, cosine, float("-inf")), axis=1))
-    if NEED_NEAREST:
-        if need_nearest:
-            tl.store(nearest_ptr + (b * n_groups + group) * N + rows, nearest, mask=in_rows)
+                cosine = _cosine(gram, row_squares, col_squares)
+                col_real = _real(vmask_ptr, b, cols, N, s_vmb, s_vmn, HAS_VMASK)
+                tl.store(nearest_ptr + (b * n_groups + tile_n) * N + rows,
+                         _nearest_of_rows(cosine, rows, cols, col_real), mask=in_rows)
+                if tile_n != tile_m:
+                    row_real = _real(vmask_ptr, b, rows, N, s_vmb, s_vmn, HAS_VMASK)
+                    tl.store(nearest_ptr + (b * n_groups + tile_m) * N + cols,
+                             _nearest_of_rows(tl.trans(cosine), cols, rows, row_real),
+                             mask=in_cols)
+
+
+@triton.jit
+def _nearest_group(visual_ptr, vmask_ptr, nearest_ptr, b, tile_m, group, N, D, tiles_per_group,
+                   n_groups, s_vb, s_vn, s_vmb, s_vmn, HAS_VMASK: tl.constexpr,
+                   DOT_FP32: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """Streaming mode (no Gram scratch): one row tile against a group of column tiles, reduced
+    to each row's largest cosine to another real token, for DivPrune's first pick."""
+    rows = tile_m * BM + tl.arange(0, BM)
+    nearest = tl.full([BM], float("-inf"), tl.float32)
+    first = group * tiles_per_group
+    for tile_n in range(first, tl.minimum(first + tiles_per_group, tl.cdiv(N, BM))):
+        cols = tile_n * BM + tl.arange(0, BM)
+        gram, row_squares, col_squares = _tile_dot(visual_ptr, b, rows, cols, N, D, s_vb, s_vn,
+                                                   True, DOT_FP32, BM, BK)
+        col_real = _real(vmask_ptr, b, cols, N, s_vmb, s_vmn, HAS_VMASK)
+        nearest = tl.maximum(nearest, _nearest_of_rows(_cosine(gram, row_squares, col_squares),
+                                                       rows, cols, col_real))
+    tl.store(nearest_ptr + (b * n_groups + group) * N + rows, nearest, mask=rows < N)
 
 
 @triton.jit
@@ -162,7 +210,12 @@ def _prepare_kernel(visual_ptr, vmask_ptr, psum_ptr, counts_ptr, part_ptr, psq_p
                    n_splits, split_len, N, D, s_vb, s_vn, s_vmb, s_vmn, HAS_VMASK, BM, BK)
     else:
         need_nearest = (tl.load(counts_ptr + b) == 0) | (n_core == 0)
-        if need_nearest | STORE_GRAM:
-            _gram_group(visual_ptr, vmask_ptr, gram_ptr, nearest_ptr, b, tile_m, job - n_splits,
-                        N, D, tiles_per_group, n_groups, s_vb, s_vn, s_vmb, s_vmn, need_nearest,
-                        HAS_VMASK, STORE_GRAM, NEED_NEAREST, DOT_FP32, BM, BK)
+        if STORE_GRAM:
+            _gram_tile(visual_ptr, vmask_ptr, gram_ptr, nearest_ptr, b, tile_m, job - n_splits,
+                       N, D, n_groups, s_vb, s_vn, s_vmb, s_vmn, need_nearest, HAS_VMASK,
+                       NEED_NEAREST, DOT_FP32, BM, BK)
+        elif NEED_NEAREST:
+            if need_nearest:
+                _nearest_group(visual_ptr, vmask_ptr, nearest_ptr, b, tile_m, job - n_splits, N,
+                               D, tiles_per_group, n_groups, s_vb, s_vn, s_vmb, s_vmn,
+                               HAS_VMASK, DOT_FP32, BM, BK)

@@ -24,7 +24,9 @@ from .fill import _select_gram_kernel, _select_stream_kernel
 from .prepare import _prepare_kernel, _prompt_kernel
 
 TILE = 64
-"""Rows and columns of a launch-1 tile (a 64x64 float32 accumulator)."""
+"""Rows and columns of a launch-1 tile (a 64x64 float32 accumulator). 128 x 128 tiles would halve
+the L2 re-reads of large N, but spill registers with triton 3.6 on sm_90 (the GPU machine's) in
+one variant and leave most SMs idle at N = 576 (15 tiles)."""
 PREPARE_WARPS = 8
 """Warps of launch 1: with 4, the 64x64 tiles spill (see ``python -m zspaprune_ops.kernels.aot``)."""
 PROMPT_BLOCK_D, PROMPT_BLOCK_T, PROMPT_WARPS = 32, 256, 8

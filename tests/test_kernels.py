@@ -90,8 +90,9 @@ def test_matches_reference(case, dtype, gram):
                                                       (1100, 16, 12, 0.0, torch.bfloat16)],
                          ids=["N300", "N1100"])
 def test_larger_register_blocks_and_column_groups(N, D, keep, ratio, dtype, gram, monkeypatch):
-    """Gram launch 2 with 1024 / 4096-token blocks; streaming launch 1 with several column
-    groups for the nearest-neighbour maxima (groups shrunk to 128 columns)."""
+    """Gram launch 2 with 1024 / 4096-token blocks (and launch 1 with many triangle tiles);
+    streaming launch 1 with several column groups for the nearest-neighbour maxima (groups
+    shrunk to 128 columns)."""
     from zspaprune_ops.kernels import select as module
     monkeypatch.setattr(module, "NEAREST_GROUP_COLS", 128)
     visual, prompt, _, visual_mask = make_case(N, 1, N, D, 7, dtype, visual_padding=True,
