@@ -6,6 +6,7 @@ no other patch framed.
 """
 import importlib
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
@@ -206,15 +207,19 @@ def test_bench_e2e_tiny_preset_records_rows(tmp_path, monkeypatch, capsys):
     results = importlib.import_module("results")
     bench = importlib.import_module("bench_e2e")
     monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
-    rows = bench.main(["--preset", "tiny", "--keep", "576", "64", "--text", "8", "--repeat", "1"])
+    argv = ["--preset", "tiny", "--keep", "576", "64", "--text", "8", "--repeat", "1"]
+    rows = bench.main([*argv, "--out", str(tmp_path / "mine.json")])
     assert [(r["impl"], r["shape"]["keep"]) for r in rows] == [
         ("unpruned", 576), ("zspaprune", 64), ("selection", 64)]
     for row in rows:
         assert row["bench"] == "e2e_prefill" and row["median_us"] > 0
     assert 0 < rows[1]["selection_share"] and rows[1]["speedup_vs_unpruned"] > 0
-    recorded = list(tmp_path.glob("*.json"))
-    assert len(recorded) == 1 and "e2e_prefill" in recorded[0].read_text()
-    assert "recorded in" in capsys.readouterr().out
+    assert list(tmp_path.rglob("*.json")) == [tmp_path / "mine.json"]
+    assert "e2e_prefill" in (tmp_path / "mine.json").read_text()
+    assert f"recorded in {tmp_path / 'mine.json'}" in capsys.readouterr().out
+    bench.main(argv)  # no --out: a fresh file under local/, never a committed one
+    (fresh,) = (tmp_path / "local").glob("cpu-*.json")
+    assert len(json.loads(fresh.read_text())) == 3
     sys.modules.pop("bench_e2e", None)
 
 
