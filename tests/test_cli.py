@@ -27,28 +27,36 @@ def assert_one_error_line(err: str, command: str, message: str):
     assert "Traceback" not in err
 
 
-SELECT_MISTAKES = [
-    (["--device", "foo"], "argument --device: unknown device 'foo'"),
-    (["--device", "meta"], "argument --device: meta tensors hold no values"),
-    (["--keep", "0"], "argument --keep: must be >= 1, got 0"),
-    (["--keep", "x"], "argument --keep: must be an integer, got 'x'"),
-    (["--n", "10", "--keep", "11"], "--keep 11 is above --n 10"),
-    (["--n", "-3"], "argument --n: must be >= 1"),
-    (["--prompt-len", "-1"], "argument --prompt-len: must be >= 0"),
-    (["--ratio", "1.5"], "argument --ratio: must be a number in [0, 1], got '1.5'"),
-    (["--ratio", "nan"], "argument --ratio: must be a number in [0, 1]"),
-    (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
-    (["--backend", "cuda"], "argument --backend: invalid choice: 'cuda'"),
-    (["--repeat", "0"], "argument --repeat: must be >= 1"),
-    (["--bogus"], "unrecognized arguments: --bogus"),
+MISTAKES = [  # (subcommand, arguments, message); the demo's are caught before any model loads
+    ("select", ["--device", "foo"], "argument --device: unknown device 'foo'"),
+    ("select", ["--device", "meta"], "argument --device: meta tensors hold no values"),
+    ("select", ["--keep", "0"], "argument --keep: must be >= 1, got 0"),
+    ("select", ["--keep", "x"], "argument --keep: must be an integer, got 'x'"),
+    ("select", ["--n", "10", "--keep", "11"], "--keep 11 is above --n 10"),
+    ("select", ["--n", "-3"], "argument --n: must be >= 1"),
+    ("select", ["--prompt-len", "-1"], "argument --prompt-len: must be >= 0"),
+    ("select", ["--ratio", "1.5"], "argument --ratio: must be a number in [0, 1], got '1.5'"),
+    ("select", ["--ratio", "nan"], "argument --ratio: must be a number in [0, 1]"),
+    ("select", ["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+    ("select", ["--backend", "cuda"], "argument --backend: invalid choice: 'cuda'"),
+    ("select", ["--repeat", "0"], "argument --repeat: must be >= 1"),
+    ("select", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("demo", ["--keep", "64", "0"], "argument --keep: must be >= 1, got 0"),
+    ("demo", ["--ratio", "-0.1"], "argument --ratio: must be a number in [0, 1]"),
+    ("demo", ["--image", "/no/such.png"], "argument --image: /no/such.png does not exist"),
+    ("demo", ["--model", "/no/such/dir"], "argument --model: /no/such/dir does not exist"),
+    ("demo", ["--device", "cuda:x"], "argument --device: unknown device 'cuda:x'"),
+    ("demo", ["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    ("demo", ["--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1"),
+    ("demo", ["--out", "overlay.txt"], "--out overlay.txt: give an image file name, e.g. kept.png"),
 ]
 
 
-@pytest.mark.parametrize("argv, message", SELECT_MISTAKES, ids=lambda x: " ".join(x)
-                         if isinstance(x, list) else None)
-def test_select_mistakes_are_usage_errors(capsys, argv, message):
-    err, out = usage_error(capsys, ["select", *argv])
-    assert_one_error_line(err, "select", message)
+@pytest.mark.parametrize("command, argv, message", MISTAKES,
+                         ids=[" ".join([c, *a]) for c, a, _ in MISTAKES])
+def test_mistakes_are_usage_errors(capsys, command, argv, message):
+    err, out = usage_error(capsys, [command, *argv])
+    assert_one_error_line(err, command, message)
     assert out == ""
 
 
@@ -57,25 +65,6 @@ def bad_image(tmp_path):
     path = tmp_path / "notes.png"
     path.write_text("not an image")
     return path
-
-
-DEMO_MISTAKES = [  # each caught before any model is built
-    (["--keep", "64", "0"], "argument --keep: must be >= 1, got 0"),
-    (["--ratio", "-0.1"], "argument --ratio: must be a number in [0, 1]"),
-    (["--image", "/no/such.png"], "argument --image: /no/such.png does not exist"),
-    (["--model", "/no/such/folder"], "argument --model: /no/such/folder does not exist"),
-    (["--device", "cuda:x"], "argument --device: unknown device 'cuda:x'"),
-    (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
-    (["--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1"),
-    (["--out", "overlay.txt"], "--out overlay.txt: give an image file name, e.g. kept.png"),
-]
-
-
-@pytest.mark.parametrize("argv, message", DEMO_MISTAKES, ids=lambda x: " ".join(x)
-                         if isinstance(x, list) else None)
-def test_demo_mistakes_are_usage_errors(capsys, argv, message):
-    err, _ = usage_error(capsys, ["demo", *argv])
-    assert_one_error_line(err, "demo", message)
 
 
 def test_demo_unreadable_image_and_model_folder_are_usage_errors(capsys, tmp_path, bad_image):

@@ -142,7 +142,7 @@ def split_budgets(keeps: Optional[Sequence[int]], image_tokens: int) -> Tuple[li
 def run(model, processor, image, prompt: str, keeps, relevance_ratio: float,
         max_new_tokens: int, repeat: int, device: torch.device):
     """Measure the unpruned model and each budget in ``keeps`` below the image's token count;
-    returns (inputs, image_tokens, rows, unselected budgets), the unpruned row first."""
+    returns (image_tokens, prompt_tokens, rows, unselected budgets), the unpruned row first."""
     from zspaprune_ops.llava import ZSPAPruneLlava
 
     inputs = processor(images=image, text=prompt_text(processor, prompt), return_tensors="pt")
@@ -175,7 +175,7 @@ def run(model, processor, image, prompt: str, keeps, relevance_ratio: float,
         core = relevance_core(model, inputs, keep, relevance_ratio, kept)
         rows.append(BudgetResult(keep, pruned.inputs_embeds.shape[1], time_s, memory,
                                  decode(new_tokens, skip_special_tokens=True), kept, core))
-    return inputs, image_tokens, rows, unselected
+    return image_tokens, input_length - image_tokens, rows, unselected
 
 
 def lm_prefill_bytes(model, pruned, device: torch.device) -> Optional[int]:
@@ -305,7 +305,7 @@ def main(args: argparse.Namespace) -> DemoResult:
                 "Pass --model PATH for a real LLaVA-1.5 / LLaVA-NeXT checkpoint.")
     else:
         note = f"model: {args.model} ({type(model).__name__}, {dtype}, {device})"
-    inputs, image_tokens, rows, unselected = run(
+    image_tokens, prompt_tokens, rows, unselected = run(
         model, processor, image, args.prompt, args.keep, args.ratio, args.max_new_tokens,
         args.repeat, device)
     grids, grids_note = token_grids(model.config, processor.image_processor, image.size,
@@ -315,7 +315,6 @@ def main(args: argparse.Namespace) -> DemoResult:
                for row in rows[1:]]
     if budgets:
         draw_overlay(image, grids, budgets).save(png)
-    prompt_tokens = int(inputs["attention_mask"].sum()) - image_tokens
     result = DemoResult(note, args.prompt, prompt_text(processor, args.prompt), prompt_tokens,
                         image_tokens, rows, unselected, png if budgets else None, grids_note)
     print(report(result, args.ratio, device, args.repeat))
@@ -327,7 +326,7 @@ def _output_path(out: str) -> Path:
     from PIL import Image
 
     png = Path(out)
-    if png.suffix.lower() not in Image.registered_extensions() or png.is_dir():
+    if Image.registered_extensions().get(png.suffix.lower()) not in Image.SAVE or png.is_dir():
         raise UsageError(f"--out {out}: give an image file name, e.g. kept.png")
     try:
         png.parent.mkdir(parents=True, exist_ok=True)
