@@ -20,8 +20,8 @@ from transformers import AutoProcessor  # noqa: E402
 
 from zspaprune_ops import demo  # noqa: E402
 from zspaprune_ops.cli import DEMO_PROMPT, build_parser  # noqa: E402
-from zspaprune_ops.measure import interleaved_medians  # noqa: E402
 from zspaprune_ops.llava import ZSPAPruneLlava  # noqa: E402
+from zspaprune_ops.measure import interleaved_medians  # noqa: E402
 from zspaprune_ops.overlay import CORE_COLOUR, FILL_COLOUR, Layout, token_grids  # noqa: E402
 from zspaprune_ops.reference import naive  # noqa: E402
 from zspaprune_ops.rule import core_size  # noqa: E402
