@@ -11,10 +11,12 @@ prompt tokens. Prefill = one forward over the whole prompt with ``logits_to_keep
 selection + LLM over the shortened sequence. ``selection`` is the op alone on the same features
 and prompt, and ``selection_share`` its share of the wrapped prefill.
 
-Rows (bench ``e2e_prefill``) go to ``bench/results/<device>.json`` through bench/results.py:
-impl ``unpruned`` at keep = 576, ``zspaprune`` and ``selection`` at smaller budgets.
+Rows (bench ``e2e_prefill``: impl ``unpruned`` at keep = 576, ``zspaprune`` and ``selection``
+at smaller budgets) go to ``--out FILE`` (default: a fresh git-ignored file under
+``bench/results/local/``; ``--out bench/results/<device>.json`` adds to the committed results).
 """
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -131,6 +133,9 @@ def main(argv=None) -> list:
     parser.add_argument("--device", help="torch device (cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=sorted(FEATURE_DTYPES),
                         help="bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--out", type=Path,
+                        help="results file the rows are appended to (default: a new file "
+                             "bench/results/local/<device>-<time>.json, git-ignored)")
     parser.add_argument("--no-record", action="store_true", help="print only, write no rows")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -140,7 +145,8 @@ def main(argv=None) -> list:
     print(f"e2e prefill, {preset}, {dtype}, {results.device_name(device)}")
     print(format_rows(rows))
     if not args.no_record:
-        print(f"recorded in {results.append(rows, device)}; render with python bench/results.py")
+        path = results.append(rows, device, args.out or results.new_results_file(device))
+        print(f"recorded in {path}; render with python bench/results.py {path}")
     return rows
 
 

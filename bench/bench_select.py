@@ -7,8 +7,9 @@
 Implementations: ``fused`` (``backend="triton"``; on CPU only under ``TRITON_INTERPRET=1`` and at tiny sizes), ``reference`` (eager pure PyTorch),
 ``reference_compiled`` (torch.compile of the reference) and ``divprune_loop`` (N×N matrix plus a
 Python loop; see bench/baselines.py). Each output is checked equal to the reference's before it
-is timed; an impl that differs or fails is reported and not timed (exit status 1). Rows go to
-``bench/results/<device>.json`` through bench/results.py after each shape.
+is timed; an impl that differs or fails is reported and not timed (exit status 1). Rows are
+appended after each shape to ``--out FILE`` (default: a fresh git-ignored file under
+``bench/results/local/``; ``--out bench/results/<device>.json`` adds to the committed results).
 """
 import argparse
 import fnmatch
@@ -16,6 +17,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -308,7 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--divprune-max-bytes", type=int, default=baselines.DIVPRUNE_MAX_BYTES,
                         help="skip divprune_loop where its N×N scratch exceeds this (4 GiB)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (torch's default)")
-    parser.add_argument("--dry-run", action="store_true", help="print only; append no rows")
+    parser.add_argument("--out", type=Path,
+                        help="results file the rows are appended to (default: a new file "
+                             "bench/results/local/<device>-<time>.json, git-ignored)")
+    parser.add_argument("--dry-run", action="store_true", help="print only; write no rows")
     return parser
 
 
@@ -327,6 +332,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.compile_max_keep is None:
         args.compile_max_keep = baselines.COMPILE_MAX_KEEP.get(device.type, 8)
+    out = args.out or results.new_results_file(device)
     bandwidth = results.hbm_bandwidth(device)
     floor = f"{bandwidth[0]:.3g} B/s, {bandwidth[1]}" if bandwidth[0] else bandwidth[1]
     print(f"{results.device_name(device)} (HBM floor bandwidth: {floor}); {len(shapes)} shape(s); "
@@ -335,11 +341,13 @@ def main(argv=None) -> int:
     for name, shape in shapes.items():
         start = time.perf_counter()
         rows, bad = run_shape(shape, impls, device, args, bandwidth)
-        saved = "" if args.dry_run else f", rows appended to {results.append(rows, device)}"
+        saved = "" if args.dry_run else f", rows appended to {results.append(rows, device, out)}"
         print(f"{name}: {time.perf_counter() - start:.1f} s{saved}", flush=True)
         all_rows += rows
         wrong += [f"{name}: {impl}" for impl in bad]
     print("\n".join(results.render_table(all_rows)))
+    if not args.dry_run:
+        print(f"rows in {out}; render them with: python bench/results.py {out}")
     if wrong:
         print("WRONG OR FAILED, NOT TIMED: " + "; ".join(wrong), file=sys.stderr)
         return 1

@@ -1,6 +1,6 @@
 """One results format for every benchmark.
 
-Each measurement is a JSON row appended to ``bench/results/<device>.json``::
+Each measurement is a JSON row in a results file (a JSON list)::
 
     {"bench": "select", "shape": {"B": 1, "N": 576, ...}, "impl": "fused",
      "median_us": 41.2, "extra_peak_bytes": 123456, "device": "NVIDIA H100 80GB HBM3",
@@ -11,9 +11,12 @@ Optional fields: ``"skipped"`` (why the impl did not run; ``median_us`` is then 
 floor: bytes that must be read once / the device's bandwidth; ``floor_us`` null where the
 bandwidth is unknown or n/a, as on CPU), ``"compile_s"`` (one-off compile time, not timed).
 
-Scripts call ``append(rows, device)``; ``python bench/results.py`` renders every file into
-``bench/RESULTS.md`` (plus ``bench/NOTES.md`` verbatim, if present: hand-written analysis
-that survives re-rendering).
+Where rows go: the benchmarks' ``--out FILE``; by default a fresh file per run under
+``bench/results/local/`` (git-ignored, see ``new_results_file``), so a trial run never edits the
+committed ``bench/results/<device>.json``, which a run writes only when asked with ``--out``.
+``python bench/results.py`` renders the committed files into ``bench/RESULTS.md`` (plus
+``bench/NOTES.md`` verbatim, if present: hand-written analysis that survives re-rendering);
+``python bench/results.py FILE...`` prints the rendering of those files instead.
 """
 import datetime
 import json
@@ -94,14 +97,26 @@ def floor_fields(floor_bytes: int, bandwidth: tuple) -> dict:
 
 
 def results_path(name: str) -> Path:
-    return RESULTS_DIR / (re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") + ".json")
+    """The committed results file of a device name: ``bench/results/<name>.json``."""
+    return RESULTS_DIR / (_slug(name) + ".json")
 
 
-def append(rows: list, device: torch.device) -> Path:
-    """Add ``rows`` (dicts with bench, shape, impl, median_us, extra_peak_bytes) to the file of
-    ``device``, each completed with the environment fields. Returns the file."""
+def new_results_file(device: torch.device) -> Path:
+    """A fresh, git-ignored file for one run: ``bench/results/local/<device>-<time>.json``."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return RESULTS_DIR / "local" / f"{_slug(device_name(device))}-{stamp}.json"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
+
+
+def append(rows: list, device: torch.device, path: Path) -> Path:
+    """Add ``rows`` (dicts with bench, shape, impl, median_us, extra_peak_bytes) to the results
+    file ``path`` (created if missing), each completed with the environment fields of
+    ``device``. Returns ``path``."""
     env = environment(device)
-    path = results_path(env["device"])
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(path.read_text()) if path.exists() else []
     existing.extend({**row, **env} for row in rows)
@@ -109,18 +124,18 @@ def append(rows: list, device: torch.device) -> Path:
     return path
 
 
-def load_all() -> list:
+def load(paths) -> list:
     rows = []
-    for path in sorted(RESULTS_DIR.glob("*.json")):
-        rows.extend(json.loads(path.read_text()))
+    for path in paths:
+        rows.extend(json.loads(Path(path).read_text()))
     return rows
 
 
-def render(rows: list) -> str:
+def render(rows: list, source: str = "`bench/results/*.json`") -> str:
     """Markdown: one table per (device, bench, run), one line per shape, one column per impl,
     then the speedup of ``fused`` over each other impl and an extra-peak-memory table."""
     out = ["# Benchmark results", "",
-           "Rendered by `python bench/results.py` from `bench/results/*.json`. Times are "
+           f"Rendered by `python bench/results.py` from {source}. Times are "
            "medians in µs; each table is one run on one machine. `(n× floor)` = the time as a "
            "multiple of the HBM floor (bytes that must be read once / the device's bandwidth).",
            ""]
@@ -154,7 +169,7 @@ def render_table(group: list) -> list:
     others = [impl for impl in impls if impl != SPEEDUP_OF] if SPEEDUP_OF in impls else []
     with_floor = any(r.get("floor_us") for r in group)
     reasons = []
-    header = ["shape"] + (["HBM floor"] if with_floor else []) + impls
+    header = ["shape"] + (["HBM floor µs"] if with_floor else []) + [f"{i} µs" for i in impls]
     header += [f"{SPEEDUP_OF} vs {impl}" for impl in others]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for shape in shapes:
@@ -239,6 +254,10 @@ def _mib(row) -> str:
 
 
 if __name__ == "__main__":
-    text = render(load_all())
-    (HERE / "RESULTS.md").write_text(text)
+    files = sys.argv[1:]
+    if files:
+        text = render(load(files), ", ".join(f"`{f}`" for f in files))
+    else:
+        text = render(load(sorted(RESULTS_DIR.glob("*.json"))))
+        (HERE / "RESULTS.md").write_text(text)
     sys.stdout.write(text)

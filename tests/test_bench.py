@@ -98,6 +98,33 @@ def test_a_wrong_or_failing_impl_is_reported_and_not_timed(broken, reason, monke
     assert "| skipped (1) |" in out.out and f"1. skipped: {reason}" in out.out
 
 
+def test_rows_go_to_a_fresh_local_file_unless_out_names_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    argv = ["--shapes", "B=1,N=20,D=8,T=4,keep=3,dtype=float32", "--impls", "reference",
+            "--repeat", "1"]
+    assert bench_select.main(argv) == 0
+    (fresh,) = tmp_path.rglob("*.json")
+    assert fresh.parent == tmp_path / "local" and fresh.name.startswith("cpu-")
+    assert f"rows in {fresh}" in capsys.readouterr().out
+    header = results.render_table(json.loads(fresh.read_text()))[0]
+    assert header == "| shape | reference µs |"  # units in the printed table
+    out = tmp_path / "chosen.json"
+    for run in (1, 2):  # --out appends: a run cut short keeps what it measured
+        assert bench_select.main([*argv, "--out", str(out)]) == 0
+        assert len(json.loads(out.read_text())) == run
+    assert len(list(tmp_path.rglob("*.json"))) == 2
+
+
+def test_committed_results_render():
+    committed = sorted(results.RESULTS_DIR.glob("*.json"))
+    rows = results.load(committed)
+    assert committed and rows
+    text = results.render(rows)
+    for row in rows:
+        assert f"## {row['bench']} on {row['device']}" in text
+    assert "| shape | " in text and " µs |" in text
+
+
 def test_render_shows_speedups_floor_multiples_and_skips():
     env = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11", "triton": "3.6", "commit": "c",
            "date": "d", "bench": "select", "shape": {"B": 1, "N": 576}, "extra_peak_bytes": None,

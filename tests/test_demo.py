@@ -6,6 +6,7 @@ no other patch framed.
 """
 import importlib
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
@@ -18,8 +19,9 @@ from PIL import Image  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
 from zspaprune_ops import demo  # noqa: E402
-from zspaprune_ops.cli import build_parser  # noqa: E402
+from zspaprune_ops.cli import DEMO_PROMPT, build_parser  # noqa: E402
 from zspaprune_ops.llava import ZSPAPruneLlava  # noqa: E402
+from zspaprune_ops.measure import interleaved_medians  # noqa: E402
 from zspaprune_ops.overlay import CORE_COLOUR, FILL_COLOUR, Layout, token_grids  # noqa: E402
 from zspaprune_ops.reference import naive  # noqa: E402
 from zspaprune_ops.rule import core_size  # noqa: E402
@@ -34,7 +36,7 @@ def run_demo(*argv):
     return args.run(args)
 
 
-def model_inputs(model, processor, image, prompt=demo.DEFAULT_PROMPT):
+def model_inputs(model, processor, image, prompt=DEMO_PROMPT):
     return processor(images=image, text=demo.prompt_text(processor, prompt), return_tensors="pt")
 
 
@@ -90,19 +92,30 @@ def check_png(result, model, processor, image):
     return grids
 
 
+def kv_cache_bytes(config, sequence_length: int) -> int:
+    """Bytes of the float32 KV cache a prefill of ``sequence_length`` tokens builds."""
+    text = config.text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * sequence_length * 4
+
+
 def test_demo_default_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ZSPAPRUNE_CACHE", str(tmp_path / "cache"))
     result = run_demo("--out", str(tmp_path / "out" / "demo.png"))
     out = capsys.readouterr().out
     assert "TINY RANDOM-WEIGHT" in out and "include the selection" in out
+    assert f"prompt: {DEMO_PROMPT!r}, chat-formatted: 'USER: <image>\\n{DEMO_PROMPT} ASSISTANT:'" \
+        in out
+    assert f"mean of the prompt's {result.prompt_tokens} text tokens" in out
     assert f"overlay of the kept patches: {result.png}" in out
-    assert all(row.peak_bytes > 0 for row in result.rows)  # CPU: the torch profiler's timeline
+    assert "centre-cropped" not in out and "no selection" not in out  # a square 336 px image
 
     # The table: unpruned first, then 576/3, 576*2/9, 576/9; each budget shortens the sequence
     # by exactly the pruned tokens and splits into core + fill by the rule.
     rows = [ROW.match(line).groups() for line in out.splitlines() if ROW.match(line)]
     assert [r[0] for r in rows] == ["all", "192", "128", "64"]
     full_length = int(rows[0][1])
+    assert full_length == result.prompt_tokens + 576
     for keep, length, core, fill, ms, speedup in rows[1:]:
         keep = int(keep)
         assert int(length) == full_length - 576 + keep
@@ -117,6 +130,13 @@ def test_demo_default_end_to_end(tmp_path, monkeypatch, capsys):
     for row in result.rows[1:]:
         assert (row.kept, row.core) == reference_selection(model, inputs, row.keep, 0.5)
     check_png(result, model, processor, image)
+
+    # The LM memory column: at least the KV cache of the row's sequence, smaller for each
+    # smaller budget (CPU: the torch profiler's timeline).
+    lm_bytes = [row.lm_prefill_bytes for row in result.rows]
+    for row in result.rows:
+        assert row.lm_prefill_bytes >= kv_cache_bytes(model.config, row.sequence_length)
+    assert lm_bytes == sorted(lm_bytes, reverse=True) and len(set(lm_bytes)) == 4
 
 
 def test_default_model_cache_is_reused_and_rebuilt_when_corrupt(tmp_path, monkeypatch):
@@ -152,12 +172,34 @@ def test_demo_llava_next_draws_base_and_high_res_grids(tmp_path, capsys):
     assert base.rows * base.cols + high.rows * (high.cols + 1) == result.image_tokens
 
 
-@pytest.mark.parametrize("argv, message", [(["--keep", "0"], "--keep"),
-                                           (["--ratio", "1.5"], "--ratio"),
-                                           (["--image", "/no/such.png"], "--image")])
-def test_demo_rejects_bad_arguments(argv, message):
-    with pytest.raises(SystemExit, match=re.escape(message)):
-        run_demo(*argv)
+def test_budgets_at_or_above_the_image_tokens_are_named_once(tmp_path, capsys):
+    """16 image tokens: keep 20 and 16 select nothing, one note and no rows of their own; a
+    repeated budget is one row; a wide image is centre-cropped and the report says so."""
+    folder = build_tiny_llava(tmp_path / "llava", kind="llava")
+    Image.open(demo.SAMPLE_IMAGE).crop((0, 60, 336, 276)).save(tmp_path / "wide.png")
+    out_png = tmp_path / "o.png"
+    result = run_demo("--model", str(folder), "--image", str(tmp_path / "wide.png"), "--keep",
+                      "20", "8", "16", "8", "--out", str(out_png))
+    out = capsys.readouterr().out
+    assert result.image_tokens == 16 and result.unselected == [20, 16]
+    assert [row.keep for row in result.rows] == [None, 8]
+    assert out.count("no selection") == 1
+    assert "keep 20, 16 >= 16 tokens: no selection" in out
+    assert "centre-cropped" in out and "pixels (60, 0) to (276, 216) of the 336x216 image" in out
+    assert result.png == out_png and out_png.exists()
+
+    result = run_demo("--model", str(folder), "--keep", "16", "--out", str(tmp_path / "n.png"))
+    out = capsys.readouterr().out
+    assert [row.keep for row in result.rows] == [None] and result.png is None
+    assert "no overlay: no budget below the image's token count" in out
+    assert not (tmp_path / "n.png").exists()
+
+
+def test_every_variant_is_warmed_up_before_any_is_timed():
+    calls = []
+    fns = [lambda name=name: calls.append(name) for name in "abc"]
+    interleaved_medians(fns, torch.device("cpu"), repeat=3, warmup=2)
+    assert calls == list("aabbcc") + list("abc") * 3
 
 
 def test_bench_e2e_tiny_preset_records_rows(tmp_path, monkeypatch, capsys):
@@ -165,15 +207,19 @@ def test_bench_e2e_tiny_preset_records_rows(tmp_path, monkeypatch, capsys):
     results = importlib.import_module("results")
     bench = importlib.import_module("bench_e2e")
     monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
-    rows = bench.main(["--preset", "tiny", "--keep", "576", "64", "--text", "8", "--repeat", "1"])
+    argv = ["--preset", "tiny", "--keep", "576", "64", "--text", "8", "--repeat", "1"]
+    rows = bench.main([*argv, "--out", str(tmp_path / "mine.json")])
     assert [(r["impl"], r["shape"]["keep"]) for r in rows] == [
         ("unpruned", 576), ("zspaprune", 64), ("selection", 64)]
     for row in rows:
         assert row["bench"] == "e2e_prefill" and row["median_us"] > 0
     assert 0 < rows[1]["selection_share"] and rows[1]["speedup_vs_unpruned"] > 0
-    recorded = list(tmp_path.glob("*.json"))
-    assert len(recorded) == 1 and "e2e_prefill" in recorded[0].read_text()
-    assert "recorded in" in capsys.readouterr().out
+    assert list(tmp_path.rglob("*.json")) == [tmp_path / "mine.json"]
+    assert "e2e_prefill" in (tmp_path / "mine.json").read_text()
+    assert f"recorded in {tmp_path / 'mine.json'}" in capsys.readouterr().out
+    bench.main(argv)  # no --out: a fresh file under local/, never a committed one
+    (fresh,) = (tmp_path / "local").glob("cpu-*.json")
+    assert len(json.loads(fresh.read_text())) == 3
     sys.modules.pop("bench_e2e", None)
 
 

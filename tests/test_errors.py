@@ -1,4 +1,5 @@
 """Bad input raises a clear error naming the argument, from the wrapper, the reference and the op."""
+import numpy as np
 import pytest
 import torch
 
@@ -74,6 +75,8 @@ def test_bad_input_raises(caller, changes, error, message):
 PYTHON_TYPES = [  # the op's schema types these itself (the dispatcher's error names the argument)
     ("keep-float", dict(keep=2.5), "keep must be an int"),
     ("keep-bool", dict(keep=True), "keep must be an int"),
+    ("keep-numpy-bool", dict(keep=np.bool_(True)), "keep must be an int"),
+    ("keep-tensor", dict(keep=torch.tensor(3)), "keep must be an int"),
     ("ratio-str", dict(relevance_ratio="0.5"), "relevance_ratio must be a float"),
     ("visual-list", dict(visual=[[0.0]]), "visual must be a torch.Tensor"),
     ("mask-list", dict(visual_mask=[True] * N), "visual_mask must be a torch.Tensor or None"),
@@ -85,6 +88,21 @@ PYTHON_TYPES = [  # the op's schema types these itself (the dispatcher's error n
 def test_bad_python_types_raise_type_error(caller, changes, message):
     with pytest.raises(TypeError, match=message):
         call(caller, inputs(**changes))
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+@pytest.mark.parametrize("keep", [np.int64(3), np.int32(3), np.array(3)], ids=repr)
+def test_integer_like_keep_is_accepted(caller, keep):
+    args = inputs(keep=keep)
+    kept = call(caller, args)
+    assert kept.shape == (B, 3) and torch.equal(kept, call(caller, {**args, "keep": 3}))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_integer_like_keep_reaches_each_backend_as_an_int(backend):
+    visual, prompt = torch.randn(N, D), torch.randn(T, D)
+    kept = zspaprune_ops.select(visual, prompt, np.int64(4), backend=backend)
+    assert torch.equal(kept, zspaprune_ops.select(visual, prompt, 4, backend="reference"))
 
 
 def test_unbatched_masks_must_be_1d():

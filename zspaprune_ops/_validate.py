@@ -5,6 +5,8 @@ values (``keep`` against the number of real tokens in each row of ``visual_mask`
 device-to-host sync on CUDA; it is skipped during CUDA-graph capture and whenever
 ``set_value_checks(False)`` is in effect.
 """
+import contextlib
+import operator
 from dataclasses import dataclass
 from numbers import Real
 from typing import Optional
@@ -34,13 +36,15 @@ def value_checks_enabled() -> bool:
 
 @dataclass
 class Batch:
-    """Validated inputs viewed as a batch: visual [B, N, D], prompt [B, T, D], masks [B, *]."""
+    """Validated inputs viewed as a batch: visual [B, N, D], prompt [B, T, D], masks [B, *],
+    ``keep`` as a Python int (or SymInt)."""
 
     visual: torch.Tensor
     prompt: torch.Tensor
     prompt_mask: Optional[torch.Tensor]
     visual_mask: Optional[torch.Tensor]
     unbatched: bool
+    keep: int
 
 
 def _check_features(name: str, x) -> None:
@@ -96,21 +100,34 @@ def check_inputs(visual, prompt, keep, relevance_ratio, prompt_mask=None, visual
                          f"{list(visual.shape)}")
     _check_mask("prompt_mask", prompt_mask, tuple(prompt.shape[:2]), visual.device)
     _check_mask("visual_mask", visual_mask, (B, N), visual.device)
-    check_budget(keep, relevance_ratio)
+    keep = check_budget(keep, relevance_ratio)
     if not 1 <= keep <= N:
         raise ValueError(f"keep must be in [1, N={int(N)}], got {int(keep)}")  # int(): traceable
-    return Batch(visual, prompt, prompt_mask, visual_mask, unbatched)
+    return Batch(visual, prompt, prompt_mask, visual_mask, unbatched, keep)
 
 
-def check_budget(keep, relevance_ratio) -> None:
-    """``keep`` an int (its range depends on N: see check_inputs), ``relevance_ratio`` a number
-    in [0, 1]; SymInt / SymFloat pass, so torch.compile can trace them symbolically."""
-    if isinstance(keep, bool) or not isinstance(keep, (int, torch.SymInt)):
-        raise TypeError(f"keep must be an int, got {type(keep).__name__}")
+def check_budget(keep, relevance_ratio):
+    """Check ``keep`` (its range depends on N: see check_inputs) and ``relevance_ratio`` (a
+    number in [0, 1]); returns ``keep`` as a Python int.
+
+    ``keep`` may be anything integer-like (``operator.index``: int, ``numpy.int64``, ...) except
+    a bool or a tensor (a tensor would hide a device sync). SymInt / SymFloat pass unchanged, so
+    torch.compile can trace them symbolically.
+    """
+    if not isinstance(keep, torch.SymInt):
+        keep = _as_int(keep)
     if isinstance(relevance_ratio, bool) or not isinstance(relevance_ratio, (Real, torch.SymFloat)):
         raise TypeError(f"relevance_ratio must be a float, got {type(relevance_ratio).__name__}")
     if not 0.0 <= relevance_ratio <= 1.0:  # False for NaN too
         raise ValueError(f"relevance_ratio must be in [0, 1], got {float(relevance_ratio)}")
+    return keep
+
+
+def _as_int(keep) -> int:
+    if not isinstance(keep, (bool, torch.Tensor)):
+        with contextlib.suppress(TypeError):
+            return operator.index(keep)
+    raise TypeError(f"keep must be an int, got {type(keep).__name__}")
 
 
 def _unsqueeze_mask(name: str, mask, dim_expected: int):

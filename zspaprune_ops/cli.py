@@ -1,34 +1,118 @@
-"""The ``zspaprune`` command line."""
+"""The ``zspaprune`` command line: ``zspaprune select`` and ``zspaprune demo``.
+
+A mistake in the arguments ends in the subcommand's usage, one ``error:`` line naming the
+option, and exit status 2; never a traceback.
+"""
 import argparse
+import math
+from pathlib import Path
 
 import torch
 
-from zspaprune_ops import demo
 from zspaprune_ops._validate import FEATURE_DTYPES
 from zspaprune_ops.dispatch import BACKENDS
-from zspaprune_ops.measure import median_seconds
+
+DEMO_PROMPT = "What is in front of the red house?"
+DEMO_OUT = "zspaprune_demo.png"
+
+
+class UsageError(Exception):
+    """A mistake in the command line's arguments, found after parsing (e.g. across options)."""
+
+
+def describe(error: BaseException) -> str:
+    """``Type: first line of the message``, for a one-line error."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:  # False for NaN too
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    return value
+
+
+def device(text: str) -> torch.device:
+    """A torch device that exists on this machine (a tensor can be made there)."""
+    try:
+        parsed = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (e.g. cpu, cuda, cuda:1)") \
+            from None
+    if parsed.type == "meta":
+        raise argparse.ArgumentTypeError("meta tensors hold no values: use cpu or cuda")
+    try:
+        torch.empty(0, device=parsed)
+    except Exception as error:  # AssertionError (torch without CUDA) or RuntimeError (no GPU)
+        raise argparse.ArgumentTypeError(f"{text} is not available here ({describe(error)})") \
+            from None
+    return parsed
+
+
+def existing_path(text: str) -> str:
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    return text
 
 
 def _select_command(args: argparse.Namespace) -> None:
     import zspaprune_ops
+    from zspaprune_ops.dispatch import implementation
+    from zspaprune_ops.measure import median_seconds
 
+    if args.keep > args.n:
+        raise UsageError(f"--keep {args.keep} is above --n {args.n} (the tokens per image)")
+    try:
+        implementation(args.backend, args.device)
+    except RuntimeError as error:  # the kernels on CPU without Triton's interpreter
+        raise UsageError(f"--backend {args.backend}: {error}") from None
     generator = torch.Generator().manual_seed(args.seed)
     visual = torch.randn(args.batch, args.n, args.dim, generator=generator)
     prompt = torch.randn(args.batch, args.prompt_len, args.dim, generator=generator)
-    device = torch.device(args.device)
-    visual = visual.to(device, FEATURE_DTYPES[args.dtype])
-    prompt = prompt.to(device, FEATURE_DTYPES[args.dtype])
+    visual = visual.to(args.device, FEATURE_DTYPES[args.dtype])
+    prompt = prompt.to(args.device, FEATURE_DTYPES[args.dtype])
 
     def run():
         return zspaprune_ops.select(visual, prompt, args.keep, args.ratio, backend=args.backend)
 
     kept = run()  # also the warm-up: first-call compilation stays out of the timing
-    median_ms = median_seconds(run, device, repeat=args.repeat, warmup=0) * 1e3
+    median_ms = median_seconds(run, args.device, repeat=args.repeat, warmup=0) * 1e3
     for row in kept.tolist():
         print(" ".join(map(str, row)))
     print(f"kept {args.keep} of {args.n} tokens x {args.batch} image(s), D={args.dim}, "
-          f"ratio={args.ratio}, {args.dtype} on {device} ({args.backend}): "
+          f"ratio={args.ratio}, {args.dtype} on {args.device} ({args.backend}): "
           f"median {median_ms:.3f} ms over {args.repeat} run(s)")
+
+
+def _demo_command(args: argparse.Namespace):
+    from zspaprune_ops import demo
+
+    return demo.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,34 +123,72 @@ def build_parser() -> argparse.ArgumentParser:
     sel = commands.add_parser("select", help="run the op on random tokens and time it",
                               description="Run zspaprune_ops.select on random features; print "
                                           "the kept indices (one row per image) and the time.")
-    sel.add_argument("--n", type=int, default=576, help="visual tokens per image (576)")
-    sel.add_argument("--dim", type=int, default=4096, help="feature size D (4096)")
-    sel.add_argument("--keep", type=int, default=64, help="tokens to keep per image (64)")
-    sel.add_argument("--ratio", type=float, default=0.5, help="relevance ratio in [0, 1] (0.5)")
-    sel.add_argument("--batch", type=int, default=1, help="images B (1)")
-    sel.add_argument("--prompt-len", type=int, default=32, help="prompt tokens T (32)")
-    sel.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    sel.add_argument("--dtype", choices=sorted(FEATURE_DTYPES), default="float32")
-    sel.add_argument("--device", default="cpu", help="torch device (cpu)")
+    sel.add_argument("--n", type=positive_int, default=576,
+                     help="visual tokens per image (default: %(default)s)")
+    sel.add_argument("--dim", type=positive_int, default=4096,
+                     help="feature size D (default: %(default)s)")
+    sel.add_argument("--keep", type=positive_int, default=64,
+                     help="tokens to keep per image, at most --n (default: %(default)s)")
+    sel.add_argument("--ratio", type=ratio, default=0.5,
+                     help="relevance ratio in [0, 1] (default: %(default)s)")
+    sel.add_argument("--batch", type=positive_int, default=1,
+                     help="images B (default: %(default)s)")
+    sel.add_argument("--prompt-len", type=non_negative_int, default=32,
+                     help="prompt tokens T (default: %(default)s)")
+    sel.add_argument("--seed", type=_int, default=0, help="random seed (default: %(default)s)")
+    sel.add_argument("--dtype", choices=sorted(FEATURE_DTYPES), default="float32",
+                     help="feature dtype (default: %(default)s)")
+    sel.add_argument("--device", type=device, default="cpu",
+                     help="torch device (default: %(default)s)")
     sel.add_argument("--backend", choices=BACKENDS, default="auto",
-                     help="auto (default): the op, fused kernels on CUDA and the reference "
-                          "elsewhere; triton: the kernels (on CPU needs TRITON_INTERPRET=1); "
-                          "reference: the pure-PyTorch reference")
-    sel.add_argument("--repeat", type=int, default=5, help="timed runs after a warm-up (5)")
-    sel.set_defaults(run=_select_command)
-    demo.add_parser(commands)
+                     help="auto: the op, fused kernels on CUDA and the reference elsewhere; "
+                          "triton: the kernels (on CPU needs TRITON_INTERPRET=1); reference: "
+                          "the pure-PyTorch reference (default: %(default)s)")
+    sel.add_argument("--repeat", type=positive_int, default=5,
+                     help="timed runs after a warm-up (default: %(default)s)")
+    sel.set_defaults(run=_select_command, command_parser=sel)
+
+    demo = commands.add_parser(
+        "demo", help="prune a LLaVA model at a few budgets: timings, memory, text, overlay PNG",
+        description="Prune a LLaVA model's visual tokens at a few budgets; print tokens kept, "
+                    "prefill time, the language model's prefill memory and the generated text "
+                    "against the unpruned model, and draw the kept patches. Runs offline on a "
+                    "tiny random-weight default unless --model is given.")
+    demo.add_argument("--model", type=existing_path,
+                      help="local LLaVA-1.5 / LLaVA-NeXT checkpoint folder (default: the tiny "
+                           "random-weight model, built and cached)")
+    demo.add_argument("--image", type=existing_path,
+                      help="image file (default: the bundled sample)")
+    demo.add_argument("--prompt", default=DEMO_PROMPT, help="question (default: %(default)r)")
+    demo.add_argument("--keep", type=positive_int, nargs="+",
+                      help="visual tokens to keep per image, one budget each (default: 1/3, "
+                           "2/9 and 1/9 of the image tokens: 192 128 64 for 576)")
+    demo.add_argument("--ratio", type=ratio, default=0.5,
+                      help="relevance ratio in [0, 1] (default: %(default)s)")
+    demo.add_argument("--out", default=DEMO_OUT,
+                      help="overlay image to write, .png or another format Pillow writes "
+                           "(default: %(default)s)")
+    demo.add_argument("--max-new-tokens", type=positive_int, default=12,
+                      help="generated tokens (default: %(default)s)")
+    demo.add_argument("--repeat", type=positive_int, default=5,
+                      help="timed prefill runs per budget, after a warm-up (default: %(default)s)")
+    demo.add_argument("--device", type=device,
+                      help="torch device (default: cuda if available, else cpu)")
+    demo.add_argument("--dtype", choices=sorted(FEATURE_DTYPES),
+                      help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    demo.set_defaults(run=_demo_command, command_parser=demo)
     return parser
 
 
 def main(argv=None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Parse ``argv`` (default: ``sys.argv[1:]``) and run the subcommand."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         args.run(args)
-    except ValueError as error:
-        if args.command != "select":
-            raise
-        parser.error(str(error))  # e.g. --keep above --n: the op's message, as a usage error
+    except UsageError as error:
+        args.command_parser.error(str(error))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,12 @@ deterministically by ``zspaprune_ops.tiny_llava`` and cached under ``$ZSPAPRUNE_
 ``~/.cache/zspaprune``), and the sample image shipped in ``zspaprune_ops/assets``. ``--model``
 takes a local LLaVA-1.5 or LLaVA-NeXT checkpoint folder instead.
 
-For each budget it prints the tokens kept, the prefill time (median; the unpruned model runs
-vision tower + LLM prefill, the pruned one vision tower + selection + LLM prefill), the peak
-tensor memory of that prefill and the greedy generation, and writes a PNG of the kept patches.
+It prints the prompt, then for each budget the tokens kept, the prefill time (median after a
+warm-up of every variant; the unpruned model runs vision tower + LLM prefill, the pruned one
+vision tower + selection + LLM prefill), the memory the language model's prefill adds
+(activations and KV cache: what the budget shrinks) and the greedy generation, and writes an
+image of the kept patches. Budgets at or above the image's token count select nothing; they are
+named once, not given rows of their own.
 """
 import argparse
 import os
@@ -16,16 +19,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from zspaprune_ops._validate import FEATURE_DTYPES
+from zspaprune_ops.cli import UsageError, describe
 from zspaprune_ops.measure import interleaved_medians, peak_bytes, resident_bytes
 from zspaprune_ops.rule import core_size
 
 SAMPLE_IMAGE = Path(__file__).resolve().parent / "assets" / "sample.png"
-DEFAULT_PROMPT = "What is in front of the red house?"
 DEFAULT_FRACTIONS = (1 / 3, 2 / 9, 1 / 9)  # of 576 image tokens: keep 192, 128, 64
 TINY_NAME = "tiny-llava-336-v2"  # change the suffix whenever TINY_DEFAULT_SIZES change
 TINY_DEFAULT_SIZES = dict(image_size=336, patch_size=14, vision_hidden=64, vision_layers=2,
@@ -97,6 +100,11 @@ def prompt_text(processor, prompt: str) -> str:
     return f"USER: {image_token}\n{prompt} ASSISTANT:"
 
 
+WARMUP_ROUNDS = 2
+"""Untimed rounds of every variant before the timed ones: first calls (allocator growth, lazy
+weight pages, one-off initialisation) must not land in any variant's time."""
+
+
 @dataclass
 class BudgetResult:
     """One row of the demo: ``keep`` visual tokens per image (None: the unpruned model)."""
@@ -104,8 +112,7 @@ class BudgetResult:
     keep: Optional[int]
     sequence_length: int
     prefill_seconds: float
-    peak_bytes: Optional[int]
-    extra_bytes: Optional[int]
+    lm_prefill_bytes: Optional[int]
     text: str
     kept: List[int] = field(default_factory=list)
     core: List[int] = field(default_factory=list)
@@ -114,49 +121,84 @@ class BudgetResult:
 @dataclass
 class DemoResult:
     model_note: str
+    prompt: str
+    chat_prompt: str
+    prompt_tokens: int
     image_tokens: int
     rows: List[BudgetResult]
-    png: Path
+    unselected: List[int]
+    png: Optional[Path]
     grids_note: str
 
 
+def split_budgets(keeps: Optional[Sequence[int]], image_tokens: int) -> Tuple[list, list]:
+    """(budgets below ``image_tokens``, budgets at or above it: no selection), each once, in the
+    order given; ``keeps`` None means ``DEFAULT_FRACTIONS`` of the image's tokens."""
+    keeps = keeps or [max(1, round(image_tokens * f)) for f in DEFAULT_FRACTIONS]
+    keeps = list(dict.fromkeys(keeps))
+    return [k for k in keeps if k < image_tokens], [k for k in keeps if k >= image_tokens]
+
+
 def run(model, processor, image, prompt: str, keeps, relevance_ratio: float,
-        max_new_tokens: int, repeat: int, device: torch.device, dtype: torch.dtype):
-    """Measure the unpruned model and each budget in ``keeps`` (default: ``DEFAULT_FRACTIONS``
-    of the image's tokens); returns (image_tokens, rows), the unpruned row first."""
+        max_new_tokens: int, repeat: int, device: torch.device):
+    """Measure the unpruned model and each budget in ``keeps`` below the image's token count;
+    returns (image_tokens, prompt_tokens, rows, unselected budgets), the unpruned row first."""
     from zspaprune_ops.llava import ZSPAPruneLlava
 
     inputs = processor(images=image, text=prompt_text(processor, prompt), return_tensors="pt")
+    dtype = model.get_input_embeddings().weight.dtype
     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
               for k, v in inputs.items()}
     input_length = inputs["input_ids"].shape[1]
     image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    keeps, unselected = split_budgets(keeps, image_tokens)
+    # keep = image_tokens keeps the image whole: the unpruned model's language-model input
+    wrappers = [ZSPAPruneLlava(model, keep=keep, relevance_ratio=relevance_ratio)
+                for keep in [image_tokens, *keeps]]
+    prefills = [lambda: model(**inputs, logits_to_keep=1)]
+    prefills += [lambda w=w: w(**inputs, logits_to_keep=1) for w in wrappers[1:]]
+    seconds = interleaved_medians(prefills, device, repeat, warmup=WARMUP_ROUNDS)
     generate_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
     decode = processor.tokenizer.decode
-    keeps = keeps or [max(1, round(image_tokens * f)) for f in DEFAULT_FRACTIONS]
-
-    models = [model] + [ZSPAPruneLlava(model, keep=min(keep, image_tokens),
-                                       relevance_ratio=relevance_ratio) for keep in keeps]
-    prefills = [lambda m=m: m(**inputs, logits_to_keep=1) for m in models]
-    seconds = interleaved_medians(prefills, device, repeat)
-    resident = resident_bytes([*model.parameters(), *model.buffers(), *inputs.values()], device)
     rows = []
-    for runner, prefill, time_s in zip(models, prefills, seconds):
-        peak = peak_bytes(prefill, device)
-        peak = (peak, None if peak is None else peak - resident)
-        new_tokens = runner.generate(**inputs, **generate_kwargs)[0]
-        if runner is model:  # the model's own generate returns the prompt too
-            rows.append(BudgetResult(None, input_length, time_s, *peak,
-                                     decode(new_tokens[input_length:], skip_special_tokens=True)))
-            continue
+    for keep, wrapped, time_s in zip([None, *keeps], wrappers, seconds):
         with torch.inference_mode():
-            pruned = runner.prune_inputs(**_prune_arguments(inputs))
+            pruned = wrapped.prune_inputs(**_prune_arguments(inputs))
+        memory = lm_prefill_bytes(model, pruned, device)
+        if keep is None:  # the stock model's own generation (it returns the prompt too)
+            new_tokens = model.generate(**inputs, **generate_kwargs)[0, input_length:]
+            rows.append(BudgetResult(None, input_length, time_s, memory,
+                                     decode(new_tokens, skip_special_tokens=True)))
+            continue
+        new_tokens = wrapped.generate(**inputs, **generate_kwargs)[0]
         kept = [index for index in pruned.kept_indices[0].tolist() if index >= 0]
-        selected = runner.keep < image_tokens  # else the image is kept whole, no selection
-        core = relevance_core(model, inputs, runner.keep, relevance_ratio, kept) if selected else []
-        rows.append(BudgetResult(runner.keep, pruned.inputs_embeds.shape[1], time_s, *peak,
+        core = relevance_core(model, inputs, keep, relevance_ratio, kept)
+        rows.append(BudgetResult(keep, pruned.inputs_embeds.shape[1], time_s, memory,
                                  decode(new_tokens, skip_special_tokens=True), kept, core))
-    return image_tokens, rows
+    return image_tokens, input_length - image_tokens, rows, unselected
+
+
+def lm_prefill_bytes(model, pruned, device: torch.device) -> Optional[int]:
+    """Peak bytes the language model's prefill over ``pruned`` adds to what was there before it:
+    its activations and the KV cache it builds, the memory a budget shrinks (the vision tower's
+    is the same at every budget). None where peak memory is not measured."""
+    embeds, mask = pruned.inputs_embeds, pruned.attention_mask
+    positions = pruned.position_ids
+
+    def prefill():
+        return model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                     logits_to_keep=1)
+
+    peak = peak_bytes(prefill, device)
+    if peak is None:
+        return None
+    # what the call reads (on CPU the peak counts only tensors a run touches): the decoder
+    # without its token-embedding table (it gets inputs_embeds), the output head, the inputs
+    decoder, embedding = model.get_decoder(), model.get_input_embeddings().weight
+    read = [p for p in decoder.parameters() if p is not embedding]
+    read += [*decoder.buffers(), *model.get_output_embeddings().parameters(),
+             embeds, mask, positions]
+    return peak - resident_bytes(read, device)
 
 
 def _prune_arguments(inputs: dict) -> dict:
@@ -185,41 +227,46 @@ def relevance_core(model, inputs: dict, keep: int, relevance_ratio: float,
 
 
 def report(result: DemoResult, relevance_ratio: float, device: torch.device, repeat: int) -> str:
-    """The printed table: one line per budget, the unpruned model first."""
+    """The printed text: the prompt, then one line per budget, the unpruned model first."""
     lines = [result.model_note,
+             f"prompt: {result.prompt!r}, chat-formatted: {result.chat_prompt!r}",
+             f"  the relevance core ranks image tokens by cosine to the mean of the prompt's "
+             f"{result.prompt_tokens} text tokens (chat template included)",
              f"{result.image_tokens} visual tokens per image; relevance_ratio {relevance_ratio}; "
-             f"prefill = forward over the whole prompt, median of {repeat} run(s) on {device}",
+             f"prefill = forward over the whole prompt, median of {repeat} run(s) on {device} "
+             f"after {WARMUP_ROUNDS} untimed round(s) of every variant",
              "(pruned rows include the selection: vision tower + selection + LLM prefill; "
-             "unpruned: vision tower + LLM prefill)", "",
-             f"{'keep':>6} {'seq len':>7} {'core':>5} {'fill':>5} {'prefill ms':>10} "
-             f"{'vs unpruned':>11} {'peak MiB':>9} {'extra MiB':>9} {'vs unpruned':>11}  "
-             "generated text"]
+             "unpruned: vision tower + LLM prefill)"]
+    if result.unselected:
+        budgets = ", ".join(map(str, result.unselected))
+        lines.append(f"keep {budgets} >= {result.image_tokens} tokens: no selection (the image "
+                     "is kept whole, as in the unpruned row)")
+    lines += ["", f"{'keep':>6} {'seq len':>7} {'core':>5} {'fill':>5} {'prefill ms':>10} "
+                  f"{'vs unpruned':>11} {'LM MiB':>8} {'vs unpruned':>11}  generated text"]
     base = result.rows[0]
+    widths = (6, 7, 5, 5, 10, 11, 8, 11)
     for row in result.rows:
-        pruned = row.keep is not None and row.keep < result.image_tokens  # selection ran
+        pruned = row.keep is not None
         cells = ["all" if row.keep is None else row.keep, row.sequence_length,
                  len(row.core) if pruned else "-", len(row.kept) - len(row.core) if pruned else "-",
                  f"{row.prefill_seconds * 1e3:.2f}",
                  _ratio(base.prefill_seconds, row.prefill_seconds),
-                 _mib(row.peak_bytes), _mib(row.extra_bytes),
-                 _ratio(row.extra_bytes, base.extra_bytes)]
-        widths = (6, 7, 5, 5, 10, 11, 9, 9, 11)
+                 _mib(row.lm_prefill_bytes), _ratio(row.lm_prefill_bytes, base.lm_prefill_bytes)]
         lines.append(" ".join(f"{cell:>{w}}" for cell, w in zip(cells, widths))
                      + f"  {row.text!r}")
-    profiler = "" if device.type == "cuda" else " (CPU: from the torch profiler's timeline)"
-    lines += ["", "vs unpruned: prefill speed-up (unpruned time / this time) and extra-memory "
-                  "ratio (this / unpruned). peak = tensors live during the prefill, weights "
-                  f"included; extra = peak minus weights and inputs{profiler}",
-              f"overlay of the kept patches: {result.png}"]
-    if result.grids_note:
-        lines.append(f"  ({result.grids_note})")
+    profiler = "" if device.type == "cuda" else "; on CPU from the torch profiler's timeline"
+    lines += ["", "vs unpruned: prefill speed-up (unpruned time / this time) and LM memory ratio "
+                  "(this / unpruned).",
+              "LM MiB: peak memory of the language model's prefill above what was allocated "
+              "before it, i.e. its activations and KV cache, the memory the budget shrinks (the "
+              f"vision tower's is the same at every budget and is not counted{profiler})."]
+    if result.png is None:
+        lines.append("no overlay: no budget below the image's token count")
+    else:
+        lines.append(f"overlay of the kept patches: {result.png}")
+        if result.grids_note:
+            lines.append(f"  ({result.grids_note})")
     return "\n".join(lines)
-
-
-def _budget_label(row: BudgetResult, image_tokens: int) -> str:
-    if row.keep >= image_tokens:
-        return f"keep {row.keep} (all: no selection)"
-    return f"keep {row.keep} (core {len(row.core)}, fill {len(row.kept) - len(row.core)})"
 
 
 def _mib(size: Optional[int]) -> str:
@@ -230,71 +277,59 @@ def _ratio(numerator, denominator) -> str:
     return "n/a" if numerator is None or not denominator else f"{numerator / denominator:.2f}x"
 
 
-def add_parser(commands) -> None:
-    """Register the ``demo`` subcommand on an argparse subparsers object."""
-    demo = commands.add_parser(
-        "demo", help="prune a LLaVA model at a few budgets: timings, memory, text, overlay PNG",
-        description="Prune a LLaVA model's visual tokens at a few budgets; print tokens kept, "
-                    "prefill time, peak memory and generated text against the unpruned model, "
-                    "and draw the kept patches. Runs offline on a tiny random-weight default "
-                    "unless --model is given.")
-    demo.add_argument("--model", help="local LLaVA-1.5 / LLaVA-NeXT checkpoint folder "
-                                      "(default: the tiny random-weight model, built and cached)")
-    demo.add_argument("--image", help="image file (default: the bundled sample)")
-    demo.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"question ({DEFAULT_PROMPT!r})")
-    demo.add_argument("--keep", type=int, nargs="+",
-                      help="visual tokens to keep per image, one budget each (default: 1/3, "
-                           "2/9 and 1/9 of the image tokens: 192 128 64 for 576)")
-    demo.add_argument("--ratio", type=float, default=0.5, help="relevance ratio in [0, 1] (0.5)")
-    demo.add_argument("--out", default="zspaprune_demo.png",
-                      help="overlay PNG to write (zspaprune_demo.png)")
-    demo.add_argument("--max-new-tokens", type=int, default=12, help="generated tokens (12)")
-    demo.add_argument("--repeat", type=int, default=5, help="timed prefill runs per budget (5)")
-    demo.add_argument("--device", help="torch device (cuda if available, else cpu)")
-    demo.add_argument("--dtype", choices=sorted(FEATURE_DTYPES),
-                      help="model dtype (bfloat16 on cuda, float32 on cpu)")
-    demo.set_defaults(run=main)
-
-
 def main(args: argparse.Namespace) -> DemoResult:
-    """Run the demo for parsed ``args``; prints the table, writes the PNG, returns the result."""
-    from PIL import Image
+    """Run the demo for parsed ``args`` (see ``zspaprune demo --help``); prints the report,
+    writes the overlay, returns the result. Raises UsageError for unusable arguments."""
+    from PIL import Image, UnidentifiedImageError
 
     from zspaprune_ops.overlay import Budget, draw_overlay, token_grids
 
-    _check_args(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = FEATURE_DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    png = _output_path(args.out)
+    try:
+        image = Image.open(args.image or SAMPLE_IMAGE).convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise UsageError(f"--image {args.image}: not an image Pillow can read ({error})") from None
     torch.manual_seed(0)
-    model, processor, is_tiny = load(args.model, device, dtype)
-    image = Image.open(args.image or SAMPLE_IMAGE).convert("RGB")
+    try:
+        model, processor, is_tiny = load(args.model, device, dtype)
+    except Exception as error:  # noqa: BLE001 (a user's folder: any failure is a usage error)
+        if args.model is None:
+            raise
+        raise UsageError(f"--model {args.model}: not a loadable LLaVA-1.5 / LLaVA-NeXT "
+                         f"checkpoint ({describe(error)})") from None
     if is_tiny:
         note = (f"model: the built-in TINY RANDOM-WEIGHT LLaVA ({cache_root() / TINY_NAME}); it "
                 "is not trained, so its text is noise and its timings only show the mechanics. "
                 "Pass --model PATH for a real LLaVA-1.5 / LLaVA-NeXT checkpoint.")
     else:
         note = f"model: {args.model} ({type(model).__name__}, {dtype}, {device})"
-    image_tokens, rows = run(model, processor, image, args.prompt, args.keep, args.ratio,
-                             args.max_new_tokens, args.repeat, device, dtype)
+    image_tokens, prompt_tokens, rows, unselected = run(
+        model, processor, image, args.prompt, args.keep, args.ratio, args.max_new_tokens,
+        args.repeat, device)
     grids, grids_note = token_grids(model.config, processor.image_processor, image.size,
                                     image_tokens)
-    budgets = [Budget(_budget_label(row, image_tokens), row.kept, row.core) for row in rows[1:]]
-    png = Path(args.out)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    draw_overlay(image, grids, budgets).save(png)
-    result = DemoResult(note, image_tokens, rows, png, grids_note)
+    budgets = [Budget(f"keep {row.keep} (core {len(row.core)}, fill "
+                      f"{len(row.kept) - len(row.core)})", row.kept, row.core)
+               for row in rows[1:]]
+    if budgets:
+        draw_overlay(image, grids, budgets).save(png)
+    result = DemoResult(note, args.prompt, prompt_text(processor, args.prompt), prompt_tokens,
+                        image_tokens, rows, unselected, png if budgets else None, grids_note)
     print(report(result, args.ratio, device, args.repeat))
     return result
 
 
-def _check_args(args) -> None:
-    if args.keep is not None and any(k < 1 for k in args.keep):
-        raise SystemExit(f"zspaprune demo: --keep values must be >= 1, got {args.keep}")
-    if not 0.0 <= args.ratio <= 1.0:
-        raise SystemExit(f"zspaprune demo: --ratio must be in [0, 1], got {args.ratio}")
-    if args.repeat < 1 or args.max_new_tokens < 1:
-        raise SystemExit("zspaprune demo: --repeat and --max-new-tokens must be >= 1")
-    for name in ("model", "image"):
-        path = getattr(args, name)
-        if path is not None and not Path(path).exists():
-            raise SystemExit(f"zspaprune demo: --{name} {path} does not exist")
+def _output_path(out: str) -> Path:
+    """``--out`` checked before any work: a format Pillow writes, in a folder that can exist."""
+    from PIL import Image
+
+    png = Path(out)
+    if Image.registered_extensions().get(png.suffix.lower()) not in Image.SAVE or png.is_dir():
+        raise UsageError(f"--out {out}: give an image file name, e.g. kept.png")
+    try:
+        png.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--out {out}: cannot create its folder ({error})") from None
+    return png

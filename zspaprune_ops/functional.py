@@ -15,7 +15,8 @@ def select(visual: torch.Tensor, prompt: torch.Tensor, keep: int, relevance_rati
     Args:
         visual: [B, N, D] or [N, D] projected visual tokens; float16, bfloat16 or float32.
         prompt: [B, T, D] or [T, D] prompt token embeddings; any of those dtypes.
-        keep: tokens to keep, 1 <= keep <= N (and <= the real tokens of every row).
+        keep: tokens to keep, 1 <= keep <= N (and <= the real tokens of every row); an int or
+            any integer-like value (``numpy.int64``...), not a bool.
         relevance_ratio: share of ``keep`` taken by prompt relevance, in [0, 1]. The default
             0.5 is this project's choice; the paper does not publish its value.
         prompt_mask: bool [B, T] or [T], True = real prompt token. Default: all real.
@@ -28,6 +29,7 @@ def select(visual: torch.Tensor, prompt: torch.Tensor, keep: int, relevance_rati
         int64 [B, keep] (or [keep] for unbatched inputs) on the input device.
     """
     batch = check_inputs(visual, prompt, keep, relevance_ratio, prompt_mask, visual_mask)
+    keep = batch.keep  # a Python int, whatever integer-like value was given
     if backend == "auto":
         kept = torch.ops.zspaprune.select(batch.visual, batch.prompt, keep,
                                           float(relevance_ratio), batch.prompt_mask,

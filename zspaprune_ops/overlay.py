@@ -95,7 +95,8 @@ class Layout:
 def token_grids(config, image_processor, image_size, image_tokens: int):
     """(grids, note): where each image token sits on the original image.
 
-    LLaVA-1.5: one grid over the processor's centre crop. LLaVA-NeXT: the base grid (the whole
+    LLaVA-1.5: one grid over the processor's centre crop (the note says when it cropped the
+    image). LLaVA-NeXT: the base grid (the whole
     image resized to one tile) and the high-resolution grid (the AnyRes tiles after unpadding,
     each row followed by an image-newline token, which is not drawn).
     """
@@ -104,9 +105,13 @@ def token_grids(config, image_processor, image_size, image_tokens: int):
     width, height = image_size
     cls_offset = 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0
     if not hasattr(config, "image_grid_pinpoints"):
-        grid = TokenGrid("", _crop_box(width, height, image_processor), side, side, cls_offset)
-        note = "" if cls_offset == 0 else "token 0 is the CLS token (not drawn)"
-        return [grid], note
+        box = _crop_box(width, height, image_processor)
+        grid = TokenGrid("", box, side, side, cls_offset)
+        notes = [] if cls_offset == 0 else ["token 0 is the CLS token (not drawn)"]
+        if box != (0, 0, width, height):
+            notes.append(f"the image was centre-cropped: the overlay shows the part the model "
+                         f"sees, pixels {box[:2]} to {box[2:]} of the {width}x{height} image")
+        return [grid], "; ".join(notes)
     whole = (0, 0, width, height)
     base = TokenGrid("base grid", whole, side, side, cls_offset)
     high_res = _anyres_shape(config, (height, width), side)
