@@ -50,14 +50,17 @@ def configurations():
                                 "visual_ptr": f"*{short}", "counts_ptr": "*i32",
                                 "sync_ptr": "*i64"}),
                             {"NEED_NEAREST": nearest, "BLOCK_N": k.STREAM_BLOCK_N,
-                             "BLOCK_D": k.STREAM_BLOCK_D, "INTERPRETED": False},
+                             "BLOCK_D": k.STREAM_BLOCK_D, "CORE": k.STREAM_CORE,
+                             "CORE_K": k.core_k(getattr(torch, dtype)),
+                             "INTERPRETED": False},
                             k.STREAM_WARPS))
     configs.append(_prepare(k, "bf16", False, True, True))  # no visual mask
     for block, warps in k.REGISTER_BLOCKS:
         for nearest in (False, True):
             configs.append((f"gram-select block={block} nearest={nearest}", "_select_gram_kernel",
                             _signature(k._select_gram_kernel, {"counts_ptr": "*i32"}),
-                            {"NEED_NEAREST": nearest, "BLOCK": block}, warps))
+                            {"NEED_NEAREST": nearest, "BLOCK": block, "ROWS": k.CORE_ROWS},
+                            warps))
     return configs
 
 

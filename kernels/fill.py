@@ -100,27 +100,58 @@ def _image_core(counts_ptr, b, n_core):
 
 
 @triton.jit
+def _lower_by_rows(fill, offs, picks, valid, distance):
+    """Mark ``picks`` (where ``valid``) chosen and lower the fill keys to the smallest of their
+    ``distance`` rows [R, BLOCK]: the same keys as one ``_update`` per row, in any order (a min
+    is order-free; NaN distances are ignored, as fmin does)."""
+    distance = tl.where(valid[:, None] & (distance == distance), distance, float("inf"))
+    nearest = tl.min(distance, axis=0)
+    nearest = tl.where(nearest < -1.0, -1.0, nearest)  # only -inf from overflow: keep off -inf
+    taken = tl.sum(((offs[None, :] == picks[:, None]) & valid[:, None]).to(tl.int32), axis=0)
+    return tl.where(taken > 0, float("-inf"), tl.where(nearest < fill, nearest, fill))
+
+
+@triton.jit
 def _select_gram_kernel(gram_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, fill_ptr, nearest_ptr,
                         out_ptr, N, keep, n_core, n_splits, n_groups,
-                        NEED_NEAREST: tl.constexpr, BLOCK: tl.constexpr):
-    """Launch 2 with the Gram scratch: one program per image, all N keys in registers; a step
-    is one Gram row load (plus the chosen token's inverse norm), an update and an argmax."""
+                        NEED_NEAREST: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """Launch 2 with the Gram scratch: one program per image, all N keys in registers.
+
+    The relevance core needs no distances: its picks are successive argmaxes of the relevance
+    alone (no load between them), and the fill keys then take the core's Gram rows ROWS at a
+    time (ROWS loads in flight instead of one dependent load per pick). A fill step is one Gram
+    row load (plus the chosen token's inverse norm), an update and an argmax."""
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     inside = offs < N
     count, n_core = _image_core(counts_ptr, b, n_core)
     inv, rel, fill = _token_keys(part_ptr, psq_ptr, fill_ptr, b, offs, inside, N, n_splits, count)
     tl.store(inv_ptr + b * N + offs, inv, mask=inside)
-    tl.debug_barrier()  # each step reads the chosen token's inverse norm back
-    key = _first_key(rel, fill, nearest_ptr, b, offs, inside, N, n_groups, n_core, NEED_NEAREST)
+    for step in range(0, n_core):  # the core, in pick order, parked in the output row
+        pick = tl.argmax(rel, axis=0)
+        rel = tl.where(offs == pick, float("-inf"), rel)
+        tl.store(out_ptr + b * keep + step, pick.to(tl.int64))
+    tl.debug_barrier()  # the core's picks and every inverse norm are read back below
+    for j0 in range(0, n_core, ROWS):
+        js = j0 + tl.arange(0, ROWS)
+        valid = js < n_core
+        picks = tl.load(out_ptr + b * keep + js, mask=valid, other=0)
+        rows = tl.load(gram_ptr + (b * N + picks[:, None]) * N + offs[None, :],
+                       mask=valid[:, None] & inside[None, :], other=0.0)
+        inv_picks = tl.load(inv_ptr + b * N + picks, mask=valid, other=0.0)
+        fill = _lower_by_rows(fill, offs, picks, valid,
+                              1.0 - rows * inv_picks[:, None] * inv[None, :])
+    key = _first_key(fill, fill, nearest_ptr, b, offs, inside, N, n_groups, n_core,
+                     NEED_NEAREST)  # DivPrune's first pick where the core is empty
     pick = tl.argmax(key, axis=0)
-    for step in range(0, keep):
+    for step in range(n_core, keep):
         row = tl.load(gram_ptr + (b * N + pick) * N + offs, mask=inside, other=0.0)
         inv_pick = tl.load(inv_ptr + b * N + pick)
         rel, fill = _update(rel, fill, offs, pick, 1.0 - row * inv_pick * inv)
-        pick = tl.argmax(tl.where(step + 1 < n_core, rel, fill), axis=0)
+        pick = tl.argmax(fill, axis=0)
     chosen = inside & (fill == float("-inf"))
     position = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+    tl.debug_barrier()  # every read of the parked core is done before the row is written
     tl.store(out_ptr + b * keep + position, offs.to(tl.int64), mask=chosen)
 
 
@@ -178,15 +209,91 @@ def _grid_argmax(sync_ptr, best, index, P, phase, ok, N, INTERPRETED: tl.constex
 
 
 @triton.jit
+def _slice_argmax(key_ptr, b, lo, hi, N, BLOCK_N: tl.constexpr):
+    """(max, lowest index of max) of the keys [B, N] of tokens [lo, hi)."""
+    best = tl.full([], float("-inf"), tl.float32)
+    index = tl.full([], 0, tl.int32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        key = tl.load(key_ptr + b * N + offs, mask=offs < hi, other=float("-inf"))
+        best, index = _running_argmax(key, offs, best, index)
+    return best, index
+
+
+@triton.jit
+def _fill_step(visual_ptr, part_ptr, inv_ptr, rel_ptr, fill_ptr, b, lo, hi, N, D, n_splits,
+               pick, s_vb, s_vn, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One fill step over tokens [lo, hi): their cosine distances to ``pick`` from the features,
+    keys updated in rel/fill; returns the (max, index) of the new fill keys there."""
+    pick_ptr = visual_ptr + b * s_vb + pick.to(tl.int64) * s_vn
+    inv_pick = _pick_inverse_norm(part_ptr, b, pick, N, n_splits)
+    best = tl.full([], float("-inf"), tl.float32)
+    next_pick = tl.full([], 0, tl.int32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        inside = offs < hi
+        rows_ptr = visual_ptr + b * s_vb + offs.to(tl.int64)[:, None] * s_vn
+        dots = tl.zeros([BLOCK_N], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            in_d = ds < D
+            # the chosen row is scaled first, so a finite-norm token's dot cannot overflow
+            u = tl.load(pick_ptr + ds, mask=in_d, other=0.0).to(tl.float32) * inv_pick
+            v = tl.load(rows_ptr + ds[None, :], mask=inside[:, None] & in_d[None, :],
+                        other=0.0).to(tl.float32)
+            dots += tl.sum(v * u[None, :], axis=1)
+        inv = tl.load(inv_ptr + b * N + offs, mask=inside, other=0.0)
+        rel = tl.load(rel_ptr + b * N + offs, mask=inside, other=float("-inf"))
+        fill = tl.load(fill_ptr + b * N + offs, mask=inside, other=float("-inf"))
+        rel, fill = _update(rel, fill, offs, pick, 1.0 - dots * inv)
+        tl.store(rel_ptr + b * N + offs, rel, mask=inside)
+        tl.store(fill_ptr + b * N + offs, fill, mask=inside)
+        best, next_pick = _running_argmax(fill, offs, best, next_pick)
+    return best, next_pick
+
+
+@triton.jit
+def _lower_by_core(visual_ptr, inv_ptr, fill_ptr, b, lo, hi, N, D, core, valid, s_vb, s_vn,
+                   INTERPRETED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Fill keys of tokens [lo, hi) lowered by their distances to the ``core`` picks (where
+    ``valid``), which are marked chosen: raw dot products on tensor cores (float32 accumulation,
+    exact ``ieee`` products for float32), distances ``1 - G * inv_pick * inv`` as in Gram mode."""
+    core_ptr = visual_ptr + b * s_vb + core.to(tl.int64)[:, None] * s_vn
+    inv_core = tl.load(inv_ptr + b * N + core, mask=valid, other=0.0)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        inside = offs < hi
+        rows_ptr = visual_ptr + b * s_vb + offs.to(tl.int64)[:, None] * s_vn
+        gram = tl.zeros([BLOCK_N, core.shape[0]], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            in_d = ds < D
+            v = tl.load(rows_ptr + ds[None, :], mask=inside[:, None] & in_d[None, :], other=0.0)
+            u = tl.load(core_ptr + ds[None, :], mask=valid[:, None] & in_d[None, :], other=0.0)
+            if INTERPRETED:  # numpy's matmul rounds a row differently at another position in
+                # the tile, so duplicate tokens would not tie: sum each product row alike
+                gram += tl.sum(v.to(tl.float32)[:, None, :] * u.to(tl.float32)[None, :, :], axis=2)
+            else:  # tensor cores: every row of the tile is summed in the same order
+                gram = tl.dot(v, tl.trans(u), gram, input_precision="ieee")
+        inv = tl.load(inv_ptr + b * N + offs, mask=inside, other=0.0)
+        fill = tl.load(fill_ptr + b * N + offs, mask=inside, other=float("-inf"))
+        distance = tl.trans(1.0 - gram * inv_core[None, :] * inv[:, None])
+        tl.store(fill_ptr + b * N + offs, _lower_by_rows(fill, offs, core, valid, distance),
+                 mask=inside)
+
+
+@triton.jit
 def _select_stream_kernel(visual_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, rel_ptr,
                           fill_ptr, nearest_ptr, sync_ptr, out_ptr, N, D, keep, n_core,
                           n_splits, n_groups, n_sync, P, slice_len, s_vb, s_vn,
                           NEED_NEAREST: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr):
+                          BLOCK_D: tl.constexpr, CORE: tl.constexpr, CORE_K: tl.constexpr,
+                          INTERPRETED: tl.constexpr):
     """Launch 2 without a Gram scratch, grid (P, B): program ``part`` of image ``b`` owns the
-    tokens [part * slice_len, (part + 1) * slice_len); each step it computes the chosen token's
-    cosines to them from the features, updates their keys in rel/fill [B, N] and joins the
-    image's grid-wide argmax (``_grid_argmax``). P > 1 needs all B * P programs resident at
+    tokens [part * slice_len, (part + 1) * slice_len); each fill step it computes the chosen
+    token's cosines to them from the features, updates their keys in rel/fill [B, N] and joins
+    the image's grid-wide argmax (``_grid_argmax``); relevance-core picks only join the argmax,
+    and their distances come CORE picks per pass over the features. P > 1 needs all B * P programs resident at
     once: the host launches it as a cooperative grid. A failed image's row is all -1 and its
     failure flag (sync word 1) is set; no index outside [0, N) is ever read or written."""
     part = tl.program_id(0)
@@ -211,32 +318,24 @@ def _select_stream_kernel(visual_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, re
         best, pick = _running_argmax(key, offs, best, pick)
     tl.debug_barrier()  # the steps read the keys stored above
     pick, ok = _grid_argmax(sync, best, pick, P, 0, ok, N, INTERPRETED)
+    slots = tl.arange(0, CORE)
+    core = tl.zeros([CORE], tl.int32)
     for step in range(0, keep):
-        pick_ptr = visual_ptr + b * s_vb + pick.to(tl.int64) * s_vn
-        inv_pick = _pick_inverse_norm(part_ptr, b, pick, N, n_splits)
-        best = tl.full([], float("-inf"), tl.float32)
-        next_pick = tl.full([], 0, tl.int32)
-        for n0 in range(lo, hi, BLOCK_N):
-            offs = n0 + tl.arange(0, BLOCK_N)
-            inside = offs < hi
-            rows_ptr = visual_ptr + b * s_vb + offs.to(tl.int64)[:, None] * s_vn
-            dots = tl.zeros([BLOCK_N], tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                ds = d0 + tl.arange(0, BLOCK_D)
-                in_d = ds < D
-                # the chosen row is scaled first, so a finite-norm token's dot cannot overflow
-                u = tl.load(pick_ptr + ds, mask=in_d, other=0.0).to(tl.float32) * inv_pick
-                v = tl.load(rows_ptr + ds[None, :], mask=inside[:, None] & in_d[None, :],
-                            other=0.0).to(tl.float32)
-                dots += tl.sum(v * u[None, :], axis=1)
-            inv = tl.load(inv_ptr + b * N + offs, mask=inside, other=0.0)
-            rel = tl.load(rel_ptr + b * N + offs, mask=inside, other=float("-inf"))
-            fill = tl.load(fill_ptr + b * N + offs, mask=inside, other=float("-inf"))
-            rel, fill = _update(rel, fill, offs, pick, 1.0 - dots * inv)
-            tl.store(rel_ptr + b * N + offs, rel, mask=inside)
-            tl.store(fill_ptr + b * N + offs, fill, mask=inside)
-            best, next_pick = _running_argmax(tl.where(step + 1 < n_core, rel, fill), offs,
-                                              best, next_pick)
+        if step < n_core:
+            # a core pick needs no distances: park it; CORE at a time lower the fill keys in one
+            # pass over the features (a [BLOCK_N, D] x [D, CORE] product per token block)
+            core = tl.where(slots == step % CORE, pick, core)
+            if (pick >= lo) & (pick < hi):
+                tl.store(rel_ptr + b * N + pick, float("-inf"))
+            if (step % CORE == CORE - 1) | (step == n_core - 1):
+                _lower_by_core(visual_ptr, inv_ptr, fill_ptr, b, lo, hi, N, D, core,
+                               slots <= step % CORE, s_vb, s_vn, INTERPRETED, BLOCK_N, CORE_K)
+            tl.debug_barrier()  # the argmax below reads the keys stored above
+            best, next_pick = _slice_argmax(rel_ptr if step + 1 < n_core else fill_ptr, b, lo,
+                                            hi, N, BLOCK_N)
+        else:
+            best, next_pick = _fill_step(visual_ptr, part_ptr, inv_ptr, rel_ptr, fill_ptr, b, lo,
+                                         hi, N, D, n_splits, pick, s_vb, s_vn, BLOCK_N, BLOCK_D)
         tl.debug_barrier()  # the next step reads the keys this one stored
         pick, ok = _grid_argmax(sync, best, next_pick, P, step + 1, ok, N, INTERPRETED)
     # a last phase: every program's keys are stored before program 0 reads them all

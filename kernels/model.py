@@ -6,9 +6,11 @@
 For each launch it counts the bytes moved (HBM, L2), the FLOPs, the dependent steps, and
 predicts a time on an H100 or H200 from the device's rates (``DEVICES``; the H200's copy
 bandwidth and bf16 matrix rate are this workplace's measurements, the rest datasheet values or
-stated guesses) and a per-step latency. It models the kernels as they are, not an ideal: the
-fill is ``keep`` dependent steps, each a Gram-row load (L2 latency) plus a block argmax, or,
-streaming, a pass over all N x D features plus a grid-wide argmax. ``bench/`` compares every
+stated guesses) and a per-step latency. It models the kernels as they are, not an ideal: in
+Gram mode the relevance core costs one block argmax per pick and one L2 latency per CORE_ROWS
+picks, each fill step a Gram-row load (L2 latency) plus a block argmax; streaming, every step
+is a grid-wide argmax, every fill step and every STREAM_CORE core picks a pass over all N x D
+features. ``bench/`` compares every
 measured row with it (measured / predicted). The latencies are guesses until a GPU session
 calibrates them (``bench/gpu_check.py profile`` gives per-launch times).
 """
@@ -89,11 +91,15 @@ def predict(B, N, D, T, keep, ratio=0.5, dtype="bf16", masks=False, device="h200
         launches.append(_launch("1 partial sums + Gram", dev, hbm, l2, flops, 0, 0,
                                 dev.fp32_flops if dtype == "fp32" else dev.tensor_flops))
         block, _ = k.register_block(N)
-        per_step = dev.l2_latency_s + dev.argmax_s * max(1.0, block / 1024)
+        argmax = dev.argmax_s * max(1.0, block / 1024)
+        fill_steps = keep - n_core + 1  # + the first pick's argmax
+        core_loads = math.ceil(n_core / k.CORE_ROWS)  # the core's rows, CORE_ROWS in flight
+        seconds = (n_core * argmax + core_loads * dev.l2_latency_s
+                   + fill_steps * (dev.l2_latency_s + argmax))
         waves = math.ceil(chunk / dev.sms)
-        seconds = (keep + 1) * per_step * waves
-        launches.append(Launch("2 fill (Gram rows)", B * keep * N * 4, B * keep * N * 4, 0,
-                               keep + 1, seconds * chunks, "latency: one row load + argmax per step"))
+        launches.append(Launch("2 core + fill (Gram rows)", B * keep * N * 4, B * keep * N * 4, 0,
+                               n_core + core_loads + fill_steps, seconds * waves * chunks,
+                               "latency: one row load + argmax per fill step"))
     else:
         flops = 2 * B * N * N * D if divprune else 0
         l2 = (B * tiles * tiles * 2 * tile * D * s if divprune else 0) + stats_bytes
@@ -103,14 +109,15 @@ def predict(B, N, D, T, keep, ratio=0.5, dtype="bf16", masks=False, device="h200
         parts = max(1, min(k.MAX_PARTS, dev.sms, dev.sms // B, math.ceil(N / k.STREAM_BLOCK_N)))
         step_bytes = B * N * D * s
         source_Bps = dev.l2_Bps if step_bytes < 40e6 else dev.hbm_Bps  # does V stay in L2?
-        step_bandwidth = step_bytes / (source_Bps * min(1.0, B * parts / dev.sms))
-        per_step = step_bandwidth + dev.barrier_s + dev.l2_latency_s
-        hbm = step_bytes * (keep + 2) if source_Bps == dev.hbm_Bps else stats_bytes
-        launches.append(Launch(f"2 fill (streaming, {parts} programs/image)", hbm,
-                               step_bytes * (keep + 2), 2 * B * N * D * (keep + 1), keep + 2,
-                               (keep + 2) * per_step,
-                               "bandwidth: all N x D features per step" if step_bandwidth > dev.barrier_s
-                               else "latency: grid-wide argmax per step"))
+        pass_s = step_bytes / (source_Bps * min(1.0, B * parts / dev.sms))
+        passes = math.ceil(n_core / k.STREAM_CORE) + keep - n_core  # core: STREAM_CORE a pass
+        steps = keep + 2  # grid-wide argmaxes: the first, one per step, the last
+        seconds = passes * pass_s + steps * (dev.barrier_s + dev.l2_latency_s)
+        hbm = step_bytes * passes if source_Bps == dev.hbm_Bps else stats_bytes
+        launches.append(Launch(f"2 core + fill (streaming, {parts} programs/image)", hbm,
+                               step_bytes * passes, 2 * B * N * D * keep, steps, seconds,
+                               "bandwidth: all N x D features per fill step"
+                               if pass_s > dev.barrier_s else "latency: grid-wide argmax per step"))
     return launches
 
 

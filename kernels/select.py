@@ -47,11 +47,26 @@ GRAM_MAX_BYTES = 1 << 30
 """Bound on the [chunk, N, N] float32 Gram scratch: a larger batch runs in chunks of images."""
 NEAREST_GROUP_COLS = 2048
 """Streaming mode: columns one launch-1 program scans for the DivPrune nearest neighbour."""
+CORE_ROWS = 4
+"""Gram rows of relevance-core picks loaded at once by the Gram-mode launch 2 (they do not
+depend on each other: ROWS loads in flight instead of one dependent load per core pick)."""
 REGISTER_BLOCKS = ((256, 1), (1024, 2), (4096, 8))
 """(block, num_warps) buckets of the Gram-mode launch 2: the block holds all N keys. Few warps:
 each step's argmax is then mostly warp shuffles (latency-bound loop); 4096 needs 8 to not spill."""
 STREAM_BLOCK_N, STREAM_BLOCK_D, STREAM_WARPS = 32, 256, 4
 """Streaming-mode launch 2 tile: tokens x features per on-the-fly dot product chunk."""
+STREAM_CORE = 16
+"""Relevance-core picks whose distances the streaming launch 2 computes in one pass over the
+features (one [32, D] x [D, 16] tensor-core product per token block): the core costs
+ceil(n_core / 16) passes instead of n_core."""
+
+
+def core_k(dtype: torch.dtype) -> int:
+    """Feature chunk of the streaming core pass's product: float32 runs on CUDA cores (exact
+    ``ieee`` products), where a [32, 256] x [256, 16] chunk spills registers."""
+    return 32 if dtype == torch.float32 else 128
+
+
 MAX_PARTS = 256
 """Most programs per image in the cooperative streaming launch 2."""
 COOPERATIVE = True
@@ -164,8 +179,8 @@ def _select_chunk(visual, prompt, keep, relevance_ratio, prompt_mask, visual_mas
         block, warps = register_block(N)
         _select_gram_kernel[(B,)](gram_scratch, views["part"], views["psq"], counts, inv, fill,
                                   nearest, picks, N, keep, n_core, n_splits, n_groups,
-                                  NEED_NEAREST=nearest_needed, BLOCK=block, num_warps=warps,
-                                  **LAUNCH_OPTIONS)
+                                  NEED_NEAREST=nearest_needed, BLOCK=block, ROWS=CORE_ROWS,
+                                  num_warps=warps, **LAUNCH_OPTIONS)
         return
     args = (visual, views["part"], views["psq"], counts, inv, rel, fill, nearest, sync, picks,
             N, D, keep, n_core, n_splits, n_groups, n_sync)
@@ -189,7 +204,8 @@ def _launch_stream(args, B, N, visual, parts, nearest_needed) -> int:
         kernel = (functools.partial(_select_stream_kernel.warmup, grid=(p, B)) if warmup
                   else _select_stream_kernel[(p, B)])
         return kernel(*args, p, slice_len, *visual.stride()[:2], NEED_NEAREST=nearest_needed,
-                      BLOCK_N=STREAM_BLOCK_N, BLOCK_D=STREAM_BLOCK_D, INTERPRETED=_interpreted(),
+                      BLOCK_N=STREAM_BLOCK_N, BLOCK_D=STREAM_BLOCK_D, CORE=STREAM_CORE,
+                      CORE_K=core_k(visual.dtype), INTERPRETED=_interpreted(),
                       num_warps=STREAM_WARPS, **options)
 
     if parts is None:

@@ -29,8 +29,8 @@ def make_case(seed, B, N, D, T, dtype=torch.float32, *, visual_padding=False,
     """Fresh random features and masks on DEVICE; every row keeps at least N // 2 real tokens."""
     g = torch.Generator().manual_seed(seed)
     visual = torch.randn(B, N, D, generator=g)
-    if duplicates and N > 2:
-        visual[:, torch.randint(0, N, (N // 3,), generator=g)] = visual[
+    if duplicates and N > 2:  # distinct targets: repeated ones would race in index_put
+        visual[:, torch.randperm(N, generator=g)[: N // 3]] = visual[
             :, torch.randint(0, N, (N // 3,), generator=g)]
     if zeros and N > 1:
         visual[:, torch.randint(0, N, (max(1, N // 10),), generator=g)] = 0.0
