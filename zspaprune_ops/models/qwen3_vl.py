@@ -1,0 +1,84 @@
+"""Qwen3-VL (``Qwen3VLForConditionalGeneration``): as Qwen2.5-VL, plus DeepStack.
+
+Qwen3-VL's vision tower also returns DeepStack features (one [N_i, D] tensor per item for each
+of a few vision layers) that the language model adds to the hidden states at the visual
+positions of its first layers. The wrapper keeps the same tokens of those features and hands
+them to the language model (``visual_pos_masks`` / ``deepstack_visual_embeds``, arguments of
+its public forward) through a forward pre-hook active only while the wrapper runs, since
+``Qwen3VLForConditionalGeneration`` computes them only from ``pixel_values``.
+
+A video is one item for the selection (``keep`` per video), although Qwen3-VL writes each of
+its temporal groups as its own span after a timestamp: a group may keep few or no tokens; its
+timestamp and vision start / end tokens stay.
+"""
+import contextlib
+from typing import List
+
+import torch
+
+from zspaprune_ops.models.qwen2_5_vl import ZSPAPruneQwen2_5_VL
+from zspaprune_ops.models.sequence import Compaction, PrunedInputs, kept_placeholders
+
+
+class ZSPAPruneQwen3VL(ZSPAPruneQwen2_5_VL):
+    """ZSPAPrune for ``Qwen3VLForConditionalGeneration`` (arguments as ``ZSPAPruneModel``;
+    ``positions`` defaults to ``"original"``)."""
+
+    model_class_names = ("Qwen3VLForConditionalGeneration",)
+    visual_inputs = ("image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                     "mm_token_type_ids")
+
+    def _extra_inputs(self, pruned: PrunedInputs, media, kept: List[torch.Tensor],
+                      compact: Compaction) -> None:
+        """``visual_pos_masks`` bool [B, L'] and ``deepstack_visual_embeds`` (per DeepStack
+        layer, [kept visual tokens, D] in sequence order) of the kept tokens."""
+        embeds = pruned.inputs_embeds
+        visual = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        layers, first = None, 0
+        for kind, mask, items, encoded in media:
+            sizes = [f.shape[0] for f in items]
+            visual = visual | compact(kept_placeholders(mask, items,
+                                                        kept[first:first + len(items)]))
+            per_layer = []
+            for layer in encoded.deepstack_features:
+                # per item since transformers 5.2x; one packed tensor before
+                parts = torch.split(layer, sizes) if torch.is_tensor(layer) else layer
+                per_layer.append(torch.cat(list(parts)).to(embeds.dtype))
+            if layers is None:
+                layers = [embeds.new_zeros(*mask.shape, embeds.shape[-1]) for _ in per_layer]
+            for full, feature in zip(layers, per_layer):
+                full.masked_scatter_(mask[..., None], feature)
+            first += len(items)
+        if layers is not None:
+            pruned.model_kwargs = {
+                "visual_pos_masks": visual,
+                "deepstack_visual_embeds": [compact(full)[visual] for full in layers]}
+
+    @contextlib.contextmanager
+    def language_inputs(self, pruned: PrunedInputs):
+        """Hands the kept DeepStack features to the language model's first call (the prefill)."""
+        with super().language_inputs(pruned):
+            extra = dict(pruned.model_kwargs)
+            if not extra:
+                yield
+                return
+            length = extra["visual_pos_masks"].shape[1]
+
+            def inject(module, args, kwargs):
+                handle.remove()
+                embeds = kwargs.get("inputs_embeds")
+                if embeds is None or embeds.shape[1] != length:
+                    raise RuntimeError("the language model's first call is not the pruned "
+                                       f"prefill of {length} tokens; cannot place DeepStack "
+                                       "features")
+                return args, {**kwargs, **extra}
+
+            handle = self.model.model.language_model.register_forward_pre_hook(
+                inject, with_kwargs=True)
+            try:
+                yield
+            finally:
+                handle.remove()
+
+
+__all__ = ["ZSPAPruneQwen3VL"]
