@@ -42,6 +42,14 @@ LLAVA_15_7B_SIZES = dict(image_size=336, patch_size=14, vision_hidden=1024, visi
                          vocab_size=32064)
 """The shapes of LLaVA-1.5-7B (CLIP ViT-L/14-336 + Vicuna-7B): 576 visual tokens per image."""
 
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for content in message['content'] if content['type'] == 'image' %}<image>\n{% endfor %}"
+    "{% for content in message['content'] if content['type'] == 'text' %}"
+    "{{ content['text'] + ' ' }}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+"""LLaVA-1.5's prompt format (``USER: <image>\n... ASSISTANT:``), as llava-hf's chat template."""
+
 _CORPUS = ("USER: What is shown in the image? ASSISTANT: A red square on a blue background. "
            "Describe the picture in detail. Where is the cat? How many objects are there? "
            "The quick brown fox jumps over the lazy dog. Is there a person, a car or a tree? "
@@ -150,7 +158,7 @@ def build_processor(kind: str, config):
     vision = config.vision_config
     size = {"shortest_edge": vision.image_size}
     crop = {"height": vision.image_size, "width": vision.image_size}
-    common = dict(tokenizer=tokenizer, patch_size=vision.patch_size,
+    common = dict(tokenizer=tokenizer, patch_size=vision.patch_size, chat_template=CHAT_TEMPLATE,
                   vision_feature_select_strategy=config.vision_feature_select_strategy,
                   num_additional_image_tokens=1)
     if kind == "llava":
