@@ -5,7 +5,9 @@ import torch
 
 pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
-from transformers import AutoImageProcessor, AutoTokenizer  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (  # noqa: E402
+    Qwen2VLImageProcessorPil)
 
 import zspaprune_ops  # noqa: E402
 import zspaprune_ops.reference  # noqa: E402
@@ -38,7 +40,7 @@ def load(folders, kind, keep=5, ratio=0.5, attn="sdpa", **kwargs):
 def tools(folders, kind):
     if kind not in _tools:
         _tools[kind] = (AutoTokenizer.from_pretrained(folders[kind]),
-                        AutoImageProcessor.from_pretrained(folders[kind]))
+                        Qwen2VLImageProcessorPil.from_pretrained(folders[kind]))
     return _tools[kind]
 
 

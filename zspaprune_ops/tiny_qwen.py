@@ -149,7 +149,7 @@ def build_image_processor(config):
 def build_tiny_qwen(folder, kind: str = "qwen2_5_vl", seed: int = 0, **sizes) -> str:
     """Build a tiny model; ``save_pretrained`` it, its tokenizer (with ``CHAT_TEMPLATE``) and
     image processor into ``folder``. They load back offline (``AutoModelForImageTextToText``,
-    ``AutoTokenizer``, ``AutoImageProcessor``; ``AutoProcessor`` too where torchvision is
+    ``AutoTokenizer``, ``Qwen2VLImageProcessorPil``; ``AutoProcessor`` too where torchvision is
     installed: transformers' Qwen processors need it for their video processor). Returns
     ``folder``.
     """
