@@ -119,9 +119,16 @@ def build_model(kind: str = "llava", seed: int = 0, device=None, dtype=None,
     The same arguments give the same weights.
     """
     config = build_config(kind, **sizes)
+    cls = LlavaForConditionalGeneration if kind == "llava" else LlavaNextForConditionalGeneration
+    return instantiate(cls, config, seed, device, dtype, attn_implementation)
+
+
+def instantiate(cls, config, seed: int, device=None, dtype=None,
+                attn_implementation: Optional[str] = None):
+    """``cls(config)`` built directly on ``device`` / ``dtype`` from a seeded RNG, weights
+    re-drawn (``redraw_weights``), in eval mode."""
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
-    cls = LlavaForConditionalGeneration if kind == "llava" else LlavaNextForConditionalGeneration
     device = torch.device(device if device is not None else "cpu")
     previous_dtype = torch.get_default_dtype()
     forked = []
@@ -183,4 +190,5 @@ def build_tiny_llava(folder, kind: str = "llava", seed: int = 0, **sizes) -> str
 
 
 __all__ = ["KINDS", "TINY_SIZES", "LLAVA_15_7B_SIZES", "build_config", "build_model",
-           "build_tokenizer", "build_processor", "build_tiny_llava", "redraw_weights"]
+           "instantiate", "build_tokenizer", "build_processor", "build_tiny_llava",
+           "redraw_weights"]

@@ -22,7 +22,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("zspaprune_ops.tiny_qwen needs the Hugging Face extra: "
                       "pip install zspaprune[hf]") from error
 
-from zspaprune_ops.tiny_llava import redraw_weights
+from zspaprune_ops.tiny_llava import instantiate
 
 KINDS = ("qwen2_5_vl", "qwen3_vl")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
@@ -102,24 +102,10 @@ def build_model(kind: str = "qwen2_5_vl", seed: int = 0, device=None, dtype=None
     CPU, float32), in eval mode; the same arguments give the same weights.
     ``build_model(**QWEN2_5_VL_7B_SIZES)`` is Qwen2.5-VL-7B-shaped; ``device="meta"`` builds
     shapes only."""
-    config = build_config(kind, **sizes)
-    if attn_implementation is not None:
-        config._attn_implementation = attn_implementation
     cls = (Qwen2_5_VLForConditionalGeneration if kind == "qwen2_5_vl"
            else Qwen3VLForConditionalGeneration)
-    device = torch.device(device if device is not None else "cpu")
-    previous_dtype = torch.get_default_dtype()
-    forked = []
-    if device.type == "cuda":
-        forked = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=forked), torch.device(device):
-        torch.manual_seed(seed)
-        torch.set_default_dtype(dtype or torch.float32)
-        try:
-            model = cls(config)
-        finally:
-            torch.set_default_dtype(previous_dtype)
-    return redraw_weights(model, seed).eval()
+    return instantiate(cls, build_config(kind, **sizes), seed, device, dtype,
+                       attn_implementation)
 
 
 def build_tokenizer(vocab_size: int = TINY_SIZES["vocab_size"]):
