@@ -13,6 +13,7 @@ after an image keeps its original positions, and generation continues from the l
 position + 1, as the unpruned model's ``generate`` does. ``"compact"``: the shortened sequence
 is numbered like text (all three axes equal, 0, 1, 2, ...).
 """
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
@@ -22,7 +23,20 @@ from zspaprune_ops.models.sequence import (Compaction, PrunedInputs, check_text,
                                            describe, item_samples, kept_index_rows,
                                            kept_placeholders, position_ids_from_mask)
 
-TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids, as Qwen's processors write them
+IMAGE, VIDEO = 1, 2  # mm_token_type_ids (0: text), as Qwen's processors write them
+
+
+@dataclass
+class Media:
+    """The images or the videos of a batch: ``name`` ("image" / "video"), ``placeholders``
+    bool [B, L], ``features`` [N_i, D] per item, the vision tower's ``encoded`` output, and
+    ``kept`` (per item, once chosen)."""
+
+    name: str
+    placeholders: torch.Tensor
+    features: List[torch.Tensor]
+    encoded: object
+    kept: List[torch.Tensor] = field(default_factory=list)
 
 
 class ZSPAPruneQwen2_5_VL(ZSPAPruneModel):
@@ -61,50 +75,29 @@ class ZSPAPruneQwen2_5_VL(ZSPAPruneModel):
         """
         attention_mask, prompt_mask, padding_side = check_text(input_ids, attention_mask,
                                                                prompt_mask, padding_side)
-        config = self.model.config
         embeds = self.model.get_input_embeddings()(input_ids)
-        media = []  # (token type, placeholders [B, L], features per item, raw encoder output)
-        for kind, pixels, grid, token_id in (
-                (IMAGE, pixel_values, image_grid_thw, config.image_token_id),
-                (VIDEO, pixel_values_videos, video_grid_thw, config.video_token_id)):
-            name = "image" if kind == IMAGE else "video"
-            if pixels is None:
-                continue
-            grid_name = f"{name}_grid_thw"
-            if not isinstance(pixels, torch.Tensor) or not isinstance(grid, torch.Tensor):
-                raise TypeError(f"{'pixel_values' if kind == IMAGE else 'pixel_values_videos'} "
-                                f"and {grid_name} must be tensors, got {describe(pixels)} and "
-                                f"{describe(grid)}")
-            encoded = self._encode(kind, pixels, grid)
-            features = [f.to(embeds.dtype) for f in encoded.pooler_output]
-            media.append((kind, input_ids == token_id, features, encoded))
-        for kind, token_id in ((IMAGE, config.image_token_id), (VIDEO, config.video_token_id)):
-            if kind not in [m[0] for m in media] and bool((input_ids == token_id).any()):
-                name = "pixel_values" if kind == IMAGE else "pixel_values_videos"
-                raise ValueError(f"input_ids hold {'image' if kind == IMAGE else 'video'} "
-                                 f"placeholders but {name} is None")
-        placeholders = torch.zeros_like(input_ids, dtype=torch.bool)
-        features, samples = [], []
-        for kind, mask, items, _ in media:
-            samples += item_samples(mask, items, "image" if kind == IMAGE else "video")
-            features += items
-            placeholders |= mask
+        images = self._media("image", input_ids, pixel_values, image_grid_thw, embeds.dtype)
+        videos = self._media("video", input_ids, pixel_values_videos, video_grid_thw,
+                             embeds.dtype)
+        media = [m for m in (images, videos) if m is not None]
+        features = [f for m in media for f in m.features]
+        samples = [s for m in media for s in item_samples(m.placeholders, m.features, m.name)]
+        config = self.model.config
+        type_ids = IMAGE * (input_ids == config.image_token_id).long() + \
+            VIDEO * (input_ids == config.video_token_id).long()
+        placeholders = type_ids > 0
         prompt_mask = prompt_mask & attention_mask.bool() & ~placeholders
         choice = choose(features, [None] * len(features), self.keep, embeds, prompt_mask,
                         samples, self._select)
-        keep = ~placeholders
-        full, first = embeds, 0
-        for _, mask, items, _ in media:
-            kept = choice.kept[first:first + len(items)]
-            keep = keep | kept_placeholders(mask, items, kept)
-            full = full.masked_scatter(mask[..., None], torch.cat(items))
-            first += len(items)
-        keep &= attention_mask.bool()
-        compact = Compaction(keep, padding_side, choice.invalid)
+        keep, full, first = ~placeholders, embeds, 0
+        for m in media:
+            m.kept = choice.kept[first:first + len(m.features)]
+            keep = keep | kept_placeholders(m.placeholders, m.features, m.kept)
+            full = full.masked_scatter(m.placeholders[..., None], torch.cat(m.features))
+            first += len(m.features)
+        compact = Compaction(keep & attention_mask.bool(), padding_side, choice.invalid)
         mask = compact.mask()
         if self.positions == "original":
-            type_ids = (input_ids == config.image_token_id).long() * IMAGE + \
-                (input_ids == config.video_token_id).long() * VIDEO
             rope = dict(image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
                         attention_mask=attention_mask)
             if second_per_grid_ts is not None:
@@ -114,27 +107,34 @@ class ZSPAPruneQwen2_5_VL(ZSPAPruneModel):
         else:
             positions = position_ids_from_mask(mask)[None].expand(3, -1, -1)
         deltas = positions.masked_fill(mask[None] == 0, -1).amax(dim=(0, 2)) + 1 - mask.sum(1)
-        images = [m for m in media if m[0] == IMAGE]
-        videos = [m for m in media if m[0] == VIDEO]
-        n_images = len(images[0][2]) if images else 0
-        pruned = PrunedInputs(
-            compact(full), mask, positions,
-            kept_index_rows(choice.kept[:n_images], self.keep, embeds.device),
-            images[0][2] if images else [], rope_deltas=deltas[:, None])
-        if videos:
-            pruned.kept_video_indices = kept_index_rows(choice.kept[n_images:], self.keep,
-                                                        embeds.device)
-            pruned.video_features = videos[0][2]
-        self._extra_inputs(pruned, media, choice.kept, compact)
+        pruned = PrunedInputs(compact(full), mask, positions, rope_deltas=deltas[:, None],
+                              kept_indices=kept_index_rows(images.kept if images else [],
+                                                           self.keep, embeds.device),
+                              image_features=images.features if images else [])
+        if videos is not None:
+            pruned.kept_video_indices = kept_index_rows(videos.kept, self.keep, embeds.device)
+            pruned.video_features = videos.features
+        self._extra_inputs(pruned, media, compact)
         return pruned
 
-    def _encode(self, kind: int, pixels: torch.Tensor, grid: torch.Tensor):
-        """The vision tower's output for images or videos (``pooler_output``: per item)."""
-        if kind == IMAGE:
-            return self.model.get_image_features(pixels, grid, return_dict=True)
-        return self.model.get_video_features(pixels, grid, return_dict=True)
+    def _media(self, name, input_ids, pixels, grid, dtype) -> Optional["Media"]:
+        """Encode the images or the videos (None if there are none)."""
+        token_id = getattr(self.model.config, f"{name}_token_id")
+        pixels_name = "pixel_values" if name == "image" else "pixel_values_videos"
+        if pixels is None:
+            if bool((input_ids == token_id).any()):
+                raise ValueError(f"input_ids hold {name} placeholders but {pixels_name} is None")
+            return None
+        if not isinstance(pixels, torch.Tensor) or not isinstance(grid, torch.Tensor):
+            raise TypeError(f"{pixels_name} and {name}_grid_thw must be tensors, got "
+                            f"{describe(pixels)} and {describe(grid)}")
+        encode = self.model.get_image_features if name == "image" else \
+            self.model.get_video_features
+        encoded = encode(pixels, grid, return_dict=True)
+        return Media(name, input_ids == token_id,
+                     [f.to(dtype) for f in encoded.pooler_output], encoded)
 
-    def _extra_inputs(self, pruned: PrunedInputs, media, kept: List[torch.Tensor],
+    def _extra_inputs(self, pruned: PrunedInputs, media: List["Media"],
                       compact: Compaction) -> None:
         """Further language-model inputs for ``pruned.model_kwargs`` (none for Qwen2.5-VL)."""
 

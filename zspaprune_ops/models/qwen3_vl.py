@@ -16,7 +16,7 @@ from typing import List
 
 import torch
 
-from zspaprune_ops.models.qwen2_5_vl import ZSPAPruneQwen2_5_VL
+from zspaprune_ops.models.qwen2_5_vl import Media, ZSPAPruneQwen2_5_VL
 from zspaprune_ops.models.sequence import Compaction, PrunedInputs, kept_placeholders
 
 
@@ -28,28 +28,25 @@ class ZSPAPruneQwen3VL(ZSPAPruneQwen2_5_VL):
     visual_inputs = ("image_grid_thw", "pixel_values_videos", "video_grid_thw",
                      "mm_token_type_ids")
 
-    def _extra_inputs(self, pruned: PrunedInputs, media, kept: List[torch.Tensor],
+    def _extra_inputs(self, pruned: PrunedInputs, media: List[Media],
                       compact: Compaction) -> None:
         """``visual_pos_masks`` bool [B, L'] and ``deepstack_visual_embeds`` (per DeepStack
         layer, [kept visual tokens, D] in sequence order) of the kept tokens."""
         embeds = pruned.inputs_embeds
         visual = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
-        layers, first = None, 0
-        for kind, mask, items, encoded in media:
-            sizes = [f.shape[0] for f in items]
-            visual = visual | compact(kept_placeholders(mask, items,
-                                                        kept[first:first + len(items)]))
-            per_layer = []
-            for layer in encoded.deepstack_features:
-                # per item since transformers 5.2x; one packed tensor before
+        layers = None  # per DeepStack layer: [B, L, D], the features at their placeholders
+        for m in media:
+            visual |= compact(kept_placeholders(m.placeholders, m.features, m.kept))
+            sizes = [f.shape[0] for f in m.features]
+            for depth, layer in enumerate(m.encoded.deepstack_features):
+                # one tensor per item since transformers 5.2x; one packed tensor before
                 parts = torch.split(layer, sizes) if torch.is_tensor(layer) else layer
-                per_layer.append(torch.cat(list(parts)).to(embeds.dtype))
-            if layers is None:
-                layers = [embeds.new_zeros(*mask.shape, embeds.shape[-1]) for _ in per_layer]
-            for full, feature in zip(layers, per_layer):
-                full.masked_scatter_(mask[..., None], feature)
-            first += len(items)
-        if layers is not None:
+                if layers is None or depth == len(layers):
+                    layers = (layers or []) + [embeds.new_zeros(*m.placeholders.shape,
+                                                                embeds.shape[-1])]
+                layers[depth].masked_scatter_(m.placeholders[..., None],
+                                              torch.cat(list(parts)).to(embeds.dtype))
+        if layers:
             pruned.model_kwargs = {
                 "visual_pos_masks": visual,
                 "deepstack_visual_embeds": [compact(full)[visual] for full in layers]}
