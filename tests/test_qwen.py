@@ -108,6 +108,16 @@ def kept_tokens(model, inputs, pruned):
     return keep
 
 
+def item_samples(placeholders, items):
+    """The sample of each item: items fill the placeholders in batch order."""
+    counts, samples = iter(item.shape[0] for item in items), []
+    for sample, tokens in enumerate(placeholders.sum(1).tolist()):
+        while tokens > 0:
+            tokens -= next(counts)
+            samples.append(sample)
+    return samples
+
+
 def real(tensor, mask):
     return [row[m.bool()] for row, m in zip(tensor, mask)]
 
@@ -151,15 +161,8 @@ def test_kept_tokens_are_the_merger_outputs_the_reference_selects(folders, kind,
     images, videos = features(wrapped.model, inputs)
     assert pruned.kept_indices.shape == (len(images), keep)
     assert pruned.kept_video_indices.shape == (len(videos), keep)
-    # each item's sample, from its placeholders' order
-    samples = []
-    for token_id, items in ((config.image_token_id, images), (config.video_token_id, videos)):
-        per_sample = (ids == token_id).sum(1).tolist()
-        for sample, tokens in enumerate(per_sample):
-            while tokens > 0:
-                tokens -= items[len(samples) - (0 if token_id == config.image_token_id
-                                                else len(images))].shape[0]
-                samples.append(sample)
+    samples = (item_samples(ids == config.image_token_id, images)
+               + item_samples(ids == config.video_token_id, videos))
     kept_rows = list(pruned.kept_indices) + list(pruned.kept_video_indices)
     for item, (feature, sample, kept) in enumerate(zip(images + videos, samples, kept_rows)):
         text = mask[sample].bool() & ~visual[sample]

@@ -29,14 +29,15 @@ IMAGE, VIDEO = 1, 2  # mm_token_type_ids (0: text), as Qwen's processors write t
 @dataclass
 class Media:
     """The images or the videos of a batch: ``name`` ("image" / "video"), ``placeholders``
-    bool [B, L], ``features`` [N_i, D] per item, the vision tower's ``encoded`` output, and
-    ``kept`` (per item, once chosen)."""
+    bool [B, L], ``features`` [N_i, D] per item, the vision tower's ``encoded`` output; once
+    chosen, ``kept`` (indices per item) and ``kept_tokens`` (bool [B, L]: kept placeholders)."""
 
     name: str
     placeholders: torch.Tensor
     features: List[torch.Tensor]
     encoded: object
     kept: List[torch.Tensor] = field(default_factory=list)
+    kept_tokens: Optional[torch.Tensor] = None
 
 
 class ZSPAPruneQwen2_5_VL(ZSPAPruneModel):
@@ -92,7 +93,8 @@ class ZSPAPruneQwen2_5_VL(ZSPAPruneModel):
         keep, full, first = ~placeholders, embeds, 0
         for m in media:
             m.kept = choice.kept[first:first + len(m.features)]
-            keep = keep | kept_placeholders(m.placeholders, m.features, m.kept)
+            m.kept_tokens = kept_placeholders(m.placeholders, m.features, m.kept)
+            keep = keep | m.kept_tokens
             full = full.masked_scatter(m.placeholders[..., None], torch.cat(m.features))
             first += len(m.features)
         compact = Compaction(keep & attention_mask.bool(), padding_side, choice.invalid)

@@ -17,7 +17,7 @@ from typing import List
 import torch
 
 from zspaprune_ops.models.qwen2_5_vl import Media, ZSPAPruneQwen2_5_VL
-from zspaprune_ops.models.sequence import Compaction, PrunedInputs, kept_placeholders
+from zspaprune_ops.models.sequence import Compaction, PrunedInputs
 
 
 class ZSPAPruneQwen3VL(ZSPAPruneQwen2_5_VL):
@@ -34,22 +34,21 @@ class ZSPAPruneQwen3VL(ZSPAPruneQwen2_5_VL):
         layer, [kept visual tokens, D] in sequence order) of the kept tokens."""
         embeds = pruned.inputs_embeds
         visual = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
-        layers = None  # per DeepStack layer: [B, L, D], the features at their placeholders
+        layers = {}  # DeepStack layer -> [B, L, D], the features at their placeholders
         for m in media:
-            visual |= compact(kept_placeholders(m.placeholders, m.features, m.kept))
+            visual |= compact(m.kept_tokens)
             sizes = [f.shape[0] for f in m.features]
             for depth, layer in enumerate(m.encoded.deepstack_features):
                 # one tensor per item since transformers 5.2x; one packed tensor before
                 parts = torch.split(layer, sizes) if torch.is_tensor(layer) else layer
-                if layers is None or depth == len(layers):
-                    layers = (layers or []) + [embeds.new_zeros(*m.placeholders.shape,
-                                                                embeds.shape[-1])]
+                if depth not in layers:
+                    layers[depth] = embeds.new_zeros(*m.placeholders.shape, embeds.shape[-1])
                 layers[depth].masked_scatter_(m.placeholders[..., None],
                                               torch.cat(list(parts)).to(embeds.dtype))
         if layers:
             pruned.model_kwargs = {
                 "visual_pos_masks": visual,
-                "deepstack_visual_embeds": [compact(full)[visual] for full in layers]}
+                "deepstack_visual_embeds": [compact(layers[d])[visual] for d in sorted(layers)]}
 
     @contextlib.contextmanager
     def language_inputs(self, pruned: PrunedInputs):
