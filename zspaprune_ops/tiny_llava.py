@@ -145,15 +145,21 @@ def instantiate(cls, config, seed: int, device=None, dtype=None,
     return redraw_weights(model, seed).eval()
 
 
-def build_tokenizer(vocab_size: int = TINY_SIZES["vocab_size"]):
-    """A byte-level BPE trained on a fixed text, with ``<image>`` as a special token."""
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+def train_bpe(corpus: str, vocab_size: int, special_tokens, unk_token=None):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``corpus``."""
+    bpe = Tokenizer(models.BPE(unk_token=unk_token))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    bpe.train_from_iterator([_CORPUS], trainer=trainer)
+    bpe.train_from_iterator([corpus], trainer=trainer)
+    return bpe
+
+
+def build_tokenizer(vocab_size: int = TINY_SIZES["vocab_size"]):
+    """A byte-level BPE trained on a fixed text, with ``<image>`` as a special token."""
+    bpe = train_bpe(_CORPUS, vocab_size, SPECIAL_TOKENS, unk_token="<unk>")
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         unk_token="<unk>", extra_special_tokens={"image_token": IMAGE_TOKEN})
@@ -190,5 +196,5 @@ def build_tiny_llava(folder, kind: str = "llava", seed: int = 0, **sizes) -> str
 
 
 __all__ = ["KINDS", "TINY_SIZES", "LLAVA_15_7B_SIZES", "build_config", "build_model",
-           "instantiate", "build_tokenizer", "build_processor", "build_tiny_llava",
+           "instantiate", "train_bpe", "build_tokenizer", "build_processor", "build_tiny_llava",
            "redraw_weights"]

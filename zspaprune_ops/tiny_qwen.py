@@ -12,7 +12,6 @@ from typing import Optional
 import torch
 
 try:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                               Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig,
                               Qwen3VLForConditionalGeneration)
@@ -22,7 +21,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("zspaprune_ops.tiny_qwen needs the Hugging Face extra: "
                       "pip install zspaprune[hf]") from error
 
-from zspaprune_ops.tiny_llava import instantiate
+from zspaprune_ops.tiny_llava import instantiate, train_bpe
 
 KINDS = ("qwen2_5_vl", "qwen3_vl")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
@@ -110,15 +109,8 @@ def build_model(kind: str = "qwen2_5_vl", seed: int = 0, device=None, dtype=None
 
 def build_tokenizer(vocab_size: int = TINY_SIZES["vocab_size"]):
     """A byte-level BPE trained on a fixed text, with Qwen's special tokens."""
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    bpe.train_from_iterator([_CORPUS], trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+        tokenizer_object=train_bpe(_CORPUS, vocab_size, SPECIAL_TOKENS), pad_token="<|endoftext|>", eos_token="<|im_end|>",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                               "vision_start_token": "<|vision_start|>",
                               "vision_end_token": "<|vision_end|>"})
