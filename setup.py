@@ -14,7 +14,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["zspaprune_ops", "zspaprune_ops.kernels", "zspaprune_ops.reference"],
+    packages=["zspaprune_ops", "zspaprune_ops.models", "zspaprune_ops.kernels",
+              "zspaprune_ops.reference"],
     package_dir={
         "zspaprune_ops": "zspaprune_ops",
         "zspaprune_ops.kernels": "kernels",

@@ -1,12 +1,13 @@
-"""End-to-end benchmark: prefill of a ZSPAPrune-wrapped LLaVA against the unpruned model.
+"""End-to-end benchmark: prefill of a ZSPAPrune-wrapped model against the unpruned model.
 
     python bench/bench_e2e.py                          # llava-1.5-7b preset, bf16 on a GPU
+    python bench/bench_e2e.py --family qwen2_5_vl      # qwen2.5-vl-7b preset, bf16 on a GPU
     python bench/bench_e2e.py --preset cpu-small       # scaled-down config on the CPU
     python bench/bench_e2e.py --preset tiny --no-record
 
-The model is built from a config with random weights (``zspaprune_ops.tiny_llava``): timings
-depend on shapes only. The input is one 336x336 image (576 visual tokens) and ``--text``
-prompt tokens. Prefill = one forward over the whole prompt with ``logits_to_keep=1``, as
+The model is built from a config with random weights (``zspaprune_ops.tiny_llava`` /
+``tiny_qwen``): timings depend on shapes only. The input is one image of 576 visual tokens
+(LLaVA: 336x336; Qwen2.5-VL: 672x672, 48x48 patches merged 2x2) and ``--text`` prompt tokens. Prefill = one forward over the whole prompt with ``logits_to_keep=1``, as
 ``generate`` runs it: the unpruned model runs vision tower + LLM; the wrapped one vision tower +
 selection + LLM over the shortened sequence. ``selection`` is the op alone on the same features
 and prompt, and ``selection_share`` its share of the wrapped prefill.
@@ -21,8 +22,8 @@ from pathlib import Path
 import torch
 
 import results
+import zspaprune_ops
 from zspaprune_ops._validate import FEATURE_DTYPES
-from zspaprune_ops.llava import ZSPAPruneLlava
 from zspaprune_ops.measure import interleaved_medians, peak_bytes, resident_bytes
 from zspaprune_ops.tiny_llava import LLAVA_15_7B_SIZES, SPECIAL_TOKENS, build_model
 
@@ -35,22 +36,56 @@ PRESETS = {
                  vision_heads=2, text_hidden=64, text_layers=1, text_heads=2, text_kv_heads=2,
                  intermediate=128, vocab_size=256),
 }
-"""Model shapes; all keep LLaVA-1.5's 24x24 patch grid (576 visual tokens per image)."""
+"""LLaVA model shapes; all keep LLaVA-1.5's 24x24 patch grid (576 visual tokens per image)."""
+
+QWEN_PRESETS = {
+    "qwen2.5-vl-7b": "QWEN2_5_VL_7B_SIZES",
+    "qwen-cpu-small": dict(patch_size=14, vision_hidden=256, vision_layers=4, vision_heads=4,
+                           vision_intermediate=1024, text_hidden=512, text_layers=4,
+                           text_heads=8, text_kv_heads=2, intermediate=1408, vocab_size=32064),
+}
+"""Qwen2.5-VL shapes (``tiny_qwen``); a 672x672 image gives 576 merged visual tokens."""
+QWEN_IMAGE = 672
+DEFAULT_PRESETS = {("llava", True): "llava-1.5-7b", ("llava", False): "cpu-small",
+                   ("qwen2_5_vl", True): "qwen2.5-vl-7b", ("qwen2_5_vl", False): "qwen-cpu-small"}
+
+
+def build(preset: str, seed: int, device, dtype):
+    """The random-weight model of ``preset`` (LLaVA or Qwen2.5-VL)."""
+    if preset in PRESETS:
+        return build_model("llava", seed=seed, device=device, dtype=dtype, **PRESETS[preset])
+    from zspaprune_ops import tiny_qwen
+
+    sizes = QWEN_PRESETS[preset]
+    sizes = getattr(tiny_qwen, sizes) if isinstance(sizes, str) else sizes
+    return tiny_qwen.build_model("qwen2_5_vl", seed=seed, device=device, dtype=dtype, **sizes)
 
 
 def make_inputs(config, text_tokens: int, device: torch.device, dtype: torch.dtype, seed: int):
-    """One sample: ``<s>``, the image placeholders, ``text_tokens`` random text tokens."""
+    """One sample: a start token, the image placeholders, ``text_tokens`` random text tokens."""
     generator = torch.Generator().manual_seed(seed)
     vision = config.vision_config
-    n_visual = (vision.image_size // vision.patch_size) ** 2
     text = torch.randint(len(SPECIAL_TOKENS), config.text_config.vocab_size, (text_tokens,),
                          generator=generator)
+    extra = {}
+    if config.model_type == "qwen2_5_vl":
+        grid = QWEN_IMAGE // vision.patch_size
+        n_visual = grid * grid // 4
+        pixels = torch.randn(grid * grid, 3 * 2 * vision.patch_size ** 2, generator=generator)
+        extra["image_grid_thw"] = torch.tensor([[1, grid, grid]], device=device)
+        ends = [config.vision_start_token_id], [config.vision_end_token_id]
+    else:
+        n_visual = (vision.image_size // vision.patch_size) ** 2
+        pixels = torch.randn(1, 3, vision.image_size, vision.image_size, generator=generator)
+        ends = [], []
+    bos = torch.tensor([config.text_config.bos_token_id, *ends[0]])
     image = torch.full((n_visual,), config.image_token_id)
-    bos = torch.tensor([config.text_config.bos_token_id])
-    input_ids = torch.cat([bos, image, text])[None].to(device)
-    pixel_values = torch.randn(1, 3, vision.image_size, vision.image_size, generator=generator)
+    input_ids = torch.cat([bos, image, torch.tensor(ends[1], dtype=torch.int64), text])[None]
+    input_ids = input_ids.to(device)
+    if config.model_type == "qwen2_5_vl":  # without it the model numbers tokens like text
+        extra["mm_token_type_ids"] = (input_ids == config.image_token_id).long()
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-            "pixel_values": pixel_values.to(device, dtype)}, n_visual
+            "pixel_values": pixels.to(device, dtype), **extra}, n_visual
 
 
 def memory(fn, resident_tensors, device) -> dict:
@@ -61,11 +96,10 @@ def memory(fn, resident_tensors, device) -> dict:
     return {"peak_bytes": peak, "extra_peak_bytes": extra}
 
 
-def selection_call(wrapped: ZSPAPruneLlava, inputs: dict):
+def selection_call(wrapped, inputs: dict):
     """(call, its input tensors): the op call the wrapper makes for ``inputs``."""
     with torch.inference_mode():
-        pruned = wrapped.prune_inputs(inputs["input_ids"], inputs["pixel_values"],
-                                      inputs["attention_mask"])
+        pruned = wrapped.prune_inputs(**inputs)
         ids = inputs["input_ids"]
         embeds = wrapped.model.get_input_embeddings()(ids)
     visual = torch.stack(pruned.image_features)
@@ -79,7 +113,7 @@ def run(preset: str, keeps, text_tokens: int, ratio: float, repeat: int,
         device: torch.device, dtype: torch.dtype, seed: int = 0) -> list:
     """Benchmark rows: unpruned at keep >= N, wrapped + selection-only below; all callables
     are timed in turns (``interleaved_medians``)."""
-    model = build_model("llava", seed=seed, device=device, dtype=dtype, **PRESETS[preset])
+    model = build(preset, seed, device, dtype)
     inputs, n_visual = make_inputs(model.config, text_tokens, device, dtype, seed)
     shape = {"model": preset, "dtype": str(dtype).replace("torch.", ""), "N": n_visual,
              "T": text_tokens, "ratio": ratio}
@@ -90,7 +124,7 @@ def run(preset: str, keeps, text_tokens: int, ratio: float, repeat: int,
             cases.append((n_visual, "unpruned", lambda: model(**inputs, logits_to_keep=1),
                           model_tensors))
             continue
-        wrapped = ZSPAPruneLlava(model, keep=keep, relevance_ratio=ratio)
+        wrapped = zspaprune_ops.prune(model, keep=keep, relevance_ratio=ratio)
         cases.append((keep, "zspaprune", lambda w=wrapped: w(**inputs, logits_to_keep=1),
                       model_tensors))
         cases.append((keep, "selection", *selection_call(wrapped, inputs)))
@@ -123,8 +157,11 @@ def format_rows(rows) -> str:
 
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="model shapes (llava-1.5-7b on cuda, cpu-small on cpu)")
+    parser.add_argument("--family", choices=["llava", "qwen2_5_vl"], default="llava",
+                        help="model family of the default preset (llava)")
+    parser.add_argument("--preset", choices=sorted(PRESETS) + sorted(QWEN_PRESETS),
+                        help="model shapes (default: llava-1.5-7b / qwen2.5-vl-7b on cuda, "
+                             "cpu-small / qwen-cpu-small on cpu)")
     parser.add_argument("--keep", type=int, nargs="+", default=[576, 192, 128, 64],
                         help="budgets; >= 576 means unpruned (576 192 128 64)")
     parser.add_argument("--text", type=int, default=40, help="text tokens in the prompt (40)")
@@ -140,7 +177,7 @@ def main(argv=None) -> list:
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = FEATURE_DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    preset = args.preset or ("llava-1.5-7b" if device.type == "cuda" else "cpu-small")
+    preset = args.preset or DEFAULT_PRESETS[args.family, device.type == "cuda"]
     rows = run(preset, args.keep, args.text, args.ratio, args.repeat, device, dtype)
     print(f"e2e prefill, {preset}, {dtype}, {results.device_name(device)}")
     print(format_rows(rows))

@@ -383,3 +383,48 @@ def test_text_only_inputs_pass_through(folders):
         reference = wrapped.model(**inputs).logits
     assert torch.equal(new, full[:, inputs["input_ids"].shape[1]:])
     assert torch.equal(logits, reference)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_original_positions_equal_the_full_run_with_the_pruned_tokens_masked_out(folders, kind):
+    inputs = batch(folders, kind, PROMPTS[:2], [(32, 32), (40, 70)], seed=13)
+    wrapped = load(folders, kind, keep=5)
+    assert wrapped.positions == "compact"  # LLaVA's default
+    original = ZSPAPruneLlava(wrapped.model, keep=5, positions="original")
+    with torch.no_grad():
+        pruned = original.prune_inputs(**inputs)
+        logits = original(**inputs).logits
+        compact = wrapped.prune_inputs(**inputs)
+    assert torch.equal(pruned.kept_indices, compact.kept_indices)
+    assert torch.equal(compact.position_ids, position_ids_from_mask(compact.attention_mask))
+    features = image_features(wrapped.model, inputs)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    holes = mask.bool().clone()
+    flags = []
+    for kept, feature in zip(pruned.kept_indices, features):
+        flag = torch.zeros(feature.shape[0], dtype=torch.bool)
+        flag[kept[kept >= 0]] = True
+        flags.append(flag)
+    holes[ids == wrapped.model.config.image_token_id] &= torch.cat(flags)
+    with torch.no_grad():
+        full = wrapped.model(**inputs | {"attention_mask": holes.long()},
+                             position_ids=position_ids_from_mask(mask)).logits
+    for got, want in zip(real_rows(logits, pruned.attention_mask), real_rows(full, holes)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    steps = original.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(steps[:, 0], full[:, -1].argmax(-1))  # left-padded: -1 is the last token
+
+
+def test_front_door_wraps_llava_and_a_negative_index_raises(folders, monkeypatch):
+    import zspaprune_ops
+    from zspaprune_ops import ZSPAPruneModel
+
+    model = load(folders, "llava").model
+    wrapped = zspaprune_ops.prune(model, keep=4)
+    assert type(wrapped) is ZSPAPruneLlava and wrapped.unwrap() is model
+    assert type(ZSPAPruneModel.from_pretrained(folders["llava_next"])) is ZSPAPruneLlava
+    inputs = batch(folders, "llava", PROMPTS[:1], [(32, 32)])
+    monkeypatch.setattr(wrapped, "_select", lambda visual, *rest: torch.full(
+        (visual.shape[0], wrapped.keep), -1, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="negative index"):
+        wrapped.prune_inputs(**inputs)

@@ -30,9 +30,16 @@ def _tiny_llava(kind: str):
     return build
 
 
+def _tiny_qwen(folder):
+    pytest.importorskip("torchvision", reason="transformers' Qwen processors need torchvision")
+    from zspaprune_ops.tiny_qwen import build_tiny_qwen
+    return build_tiny_qwen(folder, "qwen2_5_vl")
+
+
 CHECKPOINTS = {
     "path/to/llava-1.5-7b-hf": _tiny_llava("llava"),
     "path/to/llava-v1.6-mistral-7b-hf": _tiny_llava("llava_next"),
+    "path/to/Qwen2.5-VL-7B-Instruct": _tiny_qwen,
 }
 """README checkpoint placeholder -> function saving a tiny model of that family to a folder."""
 
@@ -89,6 +96,7 @@ def test_blocks_are_found_and_the_llava_one_prunes(checkpoint_dir, tmp_path, mon
     assert pruned.inputs_embeds.shape[1] == inputs["input_ids"].shape[1] - 256 + 64
     assert namespace["new_tokens"].shape[0] == 1 and 1 <= namespace["new_tokens"].shape[1] <= 32
     assert namespace["plain"] is model.model and namespace["model_128"].keep == 128
+    assert type(namespace["model_128"]) is type(model)  # prune() picked the LLaVA wrapper
 
 
 def test_blocks_after_a_no_test_line_are_skipped_and_unknown_checkpoints_fail(checkpoint_dir):

@@ -42,6 +42,14 @@ LLAVA_15_7B_SIZES = dict(image_size=336, patch_size=14, vision_hidden=1024, visi
                          vocab_size=32064)
 """The shapes of LLaVA-1.5-7B (CLIP ViT-L/14-336 + Vicuna-7B): 576 visual tokens per image."""
 
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for content in message['content'] if content['type'] == 'image' %}<image>\n{% endfor %}"
+    "{% for content in message['content'] if content['type'] == 'text' %}"
+    "{{ content['text'] + ' ' }}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+"""LLaVA-1.5's prompt format (``USER: <image>\n... ASSISTANT:``), as llava-hf's chat template."""
+
 _CORPUS = ("USER: What is shown in the image? ASSISTANT: A red square on a blue background. "
            "Describe the picture in detail. Where is the cat? How many objects are there? "
            "The quick brown fox jumps over the lazy dog. Is there a person, a car or a tree? "
@@ -111,9 +119,16 @@ def build_model(kind: str = "llava", seed: int = 0, device=None, dtype=None,
     The same arguments give the same weights.
     """
     config = build_config(kind, **sizes)
+    cls = LlavaForConditionalGeneration if kind == "llava" else LlavaNextForConditionalGeneration
+    return instantiate(cls, config, seed, device, dtype, attn_implementation)
+
+
+def instantiate(cls, config, seed: int, device=None, dtype=None,
+                attn_implementation: Optional[str] = None):
+    """``cls(config)`` built directly on ``device`` / ``dtype`` from a seeded RNG, weights
+    re-drawn (``redraw_weights``), in eval mode."""
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
-    cls = LlavaForConditionalGeneration if kind == "llava" else LlavaNextForConditionalGeneration
     device = torch.device(device if device is not None else "cpu")
     previous_dtype = torch.get_default_dtype()
     forked = []
@@ -130,15 +145,21 @@ def build_model(kind: str = "llava", seed: int = 0, device=None, dtype=None,
     return redraw_weights(model, seed).eval()
 
 
-def build_tokenizer(vocab_size: int = TINY_SIZES["vocab_size"]):
-    """A byte-level BPE trained on a fixed text, with ``<image>`` as a special token."""
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+def train_bpe(corpus: str, vocab_size: int, special_tokens, unk_token=None):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``corpus``."""
+    bpe = Tokenizer(models.BPE(unk_token=unk_token))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    bpe.train_from_iterator([_CORPUS], trainer=trainer)
+    bpe.train_from_iterator([corpus], trainer=trainer)
+    return bpe
+
+
+def build_tokenizer(vocab_size: int = TINY_SIZES["vocab_size"]):
+    """A byte-level BPE trained on a fixed text, with ``<image>`` as a special token."""
+    bpe = train_bpe(_CORPUS, vocab_size, SPECIAL_TOKENS, unk_token="<unk>")
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         unk_token="<unk>", extra_special_tokens={"image_token": IMAGE_TOKEN})
@@ -150,7 +171,7 @@ def build_processor(kind: str, config):
     vision = config.vision_config
     size = {"shortest_edge": vision.image_size}
     crop = {"height": vision.image_size, "width": vision.image_size}
-    common = dict(tokenizer=tokenizer, patch_size=vision.patch_size,
+    common = dict(tokenizer=tokenizer, patch_size=vision.patch_size, chat_template=CHAT_TEMPLATE,
                   vision_feature_select_strategy=config.vision_feature_select_strategy,
                   num_additional_image_tokens=1)
     if kind == "llava":
@@ -175,4 +196,5 @@ def build_tiny_llava(folder, kind: str = "llava", seed: int = 0, **sizes) -> str
 
 
 __all__ = ["KINDS", "TINY_SIZES", "LLAVA_15_7B_SIZES", "build_config", "build_model",
-           "build_tokenizer", "build_processor", "build_tiny_llava", "redraw_weights"]
+           "instantiate", "train_bpe", "build_tokenizer", "build_processor", "build_tiny_llava",
+           "redraw_weights"]
