@@ -8,7 +8,7 @@ a LLaVA-1.5 built from a config with random weights (``zspaprune_ops.tiny_llava`
 LLaVA loads, so the same checkpoint serves both: vLLM's ``LlavaForConditionalGeneration``
 (impl ``vllm``) and the plugin's pruned model (impl ``vllm+zspaprune``, one row per keep).
 
-Every request is one random image and the same ``--text``-token question; images differ
+Every request is one random image and the same ``--text``-word question; images differ
 between requests, so no encoder-cache or prefix-cache hit flatters either side.
 
 - throughput: ``--requests`` requests in one ``LLM.generate`` call, ``--output`` new tokens each
@@ -30,26 +30,20 @@ import numpy as np
 import torch
 
 import results
-from zspaprune_ops.tiny_llava import LLAVA_15_7B_SIZES, build_tiny_llava
+from bench_e2e import PRESETS as E2E_PRESETS
+from zspaprune_ops.tiny_llava import build_tiny_llava
 
-PRESETS = {
-    "cpu-small": dict(image_size=336, patch_size=14, vision_hidden=256, vision_layers=4,
-                      vision_heads=4, vision_intermediate=1024, text_hidden=512, text_layers=4,
-                      text_heads=8, text_kv_heads=8, intermediate=1408, vocab_size=32064),
-    "tiny": dict(image_size=336, patch_size=14, vision_hidden=32, vision_layers=1,
-                 vision_heads=2, text_hidden=128, text_layers=1, text_heads=2, text_kv_heads=2,
-                 intermediate=128, vocab_size=256),
-    "llava-1.5-7b": LLAVA_15_7B_SIZES,
-}
-"""Model shapes (LLaVA-1.5's 24x24 patch grid, 576 visual tokens per image; vLLM's CPU
-attention needs head size 64 or more)."""
+# bench_e2e's model shapes (LLaVA-1.5's 24x24 patch grid, 576 visual tokens per image); tiny's
+# heads get size 64 (vLLM's CPU attention rejects size 16; 64 is what the plugin's tests run).
+PRESETS = {**E2E_PRESETS, "tiny": {**E2E_PRESETS["tiny"], "text_hidden": 128}}
 DEFAULT_OUT = Path(tempfile.gettempdir()) / "zspaprune-bench" / "bench_vllm.json"
 WORDS = "describe the picture in detail where is the cat how many objects are there".split()
 
 
 def save_checkpoint(folder: Path, preset: str) -> Path:
-    """A random-weight LLaVA with processor; CLIP weights named ``vision_tower.vision_model.*``
-    (transformers 5 saves ``vision_tower.*``, which vLLM's own LLaVA does not load)."""
+    """A random-weight LLaVA with processor; CLIP weights renamed ``[model.]vision_tower.
+    vision_model.*`` (transformers 5 saves them without ``vision_model.``, which vLLM's own
+    LLaVA does not load; the plugin loads both)."""
     from safetensors.torch import load_file, save_file
     build_tiny_llava(folder, "llava", **PRESETS[preset])
     for path in folder.glob("*.safetensors"):

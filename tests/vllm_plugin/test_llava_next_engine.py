@@ -13,12 +13,12 @@ from conftest import Engine, HFReference, checkpoint, image  # noqa: E402
 
 KEEP = 50
 PROMPT = "USER: <image> Describe the picture in detail. ASSISTANT:"
-# (width, height): tokens before pruning, newlines among them -> tokens kept
-CASES = {
-    (64, 8): "34 tokens: smaller than keep, kept whole with its 2 newlines",
-    (64, 32): "52 tokens: 48 without its 4 newlines, which fit in keep",
-    (64, 64): "88 tokens: pruned to keep",
-    (40, 56): "pruned to keep",
+# (width, height) -> tokens kept (a 64x32 image has 52 tokens, 4 of them newlines)
+KEPT = {
+    (64, 8): 34,   # 34 tokens, smaller than keep: kept whole with its 2 newlines
+    (64, 32): 48,  # 52 tokens: too many, but 48 without the newlines, which fit in keep
+    (64, 64): 50,  # 88 tokens: pruned to keep
+    (40, 56): 50,  # 72 tokens (a 2x2 grid unpadded to 8x6): pruned to keep
 }
 
 
@@ -40,13 +40,13 @@ def hf(folder):
     return HFReference(folder, KEEP)
 
 
-@pytest.mark.parametrize("size", list(CASES), ids=[f"{w}x{h}" for w, h in CASES])
+@pytest.mark.parametrize("size", list(KEPT), ids=[f"{w}x{h}" for w, h in KEPT])
 def test_matches_the_hf_wrapper(llm, hf, size):
     picture = image(*size, seed=sum(size))
     out = llm.generate([(PROMPT, [picture])])[0]
     text_ids, kept, hf_tokens = hf.run(PROMPT, [picture])
     image_token = hf.model.model.config.image_token_id
-    assert out.prompt_token_ids.count(image_token) == len(kept[0]) <= KEEP
+    assert out.prompt_token_ids.count(image_token) == len(kept[0]) == KEPT[size]
     assert llm.selections()[text_ids][-1] == kept[0]
     assert list(out.outputs[0].token_ids) == hf_tokens
 

@@ -139,8 +139,10 @@ _CLIP_TOWER_NAMES = WeightsMapper(orig_to_new_regex={
 class _PruningModel:
     """``embed_multimodal`` returning each image's kept tokens, [kept_count, D] per image."""
 
-    def _init_pruning(self, config) -> None:
-        self.pruning = pruning_config(config)
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        pruning = pruning_config(vllm_config.model_config.hf_config)  # fail before building
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.pruning = pruning
         record = int(os.environ.get(RECORD_ENV, "0"))
         # (prompt text ids, kept positions) per image, newest last
         self.recorded_selections = deque(maxlen=record) if record > 0 else None
@@ -167,11 +169,6 @@ class _PruningModel:
 class ZSPAPruneLlavaForConditionalGeneration(_PruningModel, LlavaForConditionalGeneration):
     hf_to_vllm_mapper = _CLIP_TOWER_NAMES | LlavaForConditionalGeneration.hf_to_vllm_mapper
 
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        pruning_config(vllm_config.model_config.hf_config)  # fail before building the model
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._init_pruning(self.config)
-
 
 @MULTIMODAL_REGISTRY.register_processor(ZSPAPruneLlavaNextMultiModalProcessor,
                                         info=ZSPAPruneLlavaNextProcessingInfo,
@@ -179,11 +176,6 @@ class ZSPAPruneLlavaForConditionalGeneration(_PruningModel, LlavaForConditionalG
 class ZSPAPruneLlavaNextForConditionalGeneration(_PruningModel,
                                                  LlavaNextForConditionalGeneration):
     hf_to_vllm_mapper = _CLIP_TOWER_NAMES | LlavaNextForConditionalGeneration.hf_to_vllm_mapper
-
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        pruning_config(vllm_config.model_config.hf_config)
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._init_pruning(self.config)
 
 
 def recorded_selections(model) -> list:
