@@ -3,7 +3,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from conftest import Engine, checkpoint  # noqa: E402
+from plugin_helpers import Engine, checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")

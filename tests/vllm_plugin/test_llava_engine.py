@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from conftest import Engine, HFReference, checkpoint, image  # noqa: E402
+from plugin_helpers import Engine, HFReference, checkpoint, image  # noqa: E402
 
 KEEP = 8
 PROMPT = "USER: <image> What is shown in the image? ASSISTANT:"

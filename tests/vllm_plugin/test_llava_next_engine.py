@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from conftest import Engine, HFReference, checkpoint, image  # noqa: E402
+from plugin_helpers import Engine, HFReference, checkpoint, image  # noqa: E402
 
 KEEP = 50
 PROMPT = "USER: <image> Describe the picture in detail. ASSISTANT:"

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Mapping
 
 import torch
+
 try:
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
     from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder,

