@@ -60,10 +60,11 @@ def _vllm_name(name: str) -> str:
     return name
 
 
-def requests(count: int, text_tokens: int, image_size: int, seed: int):
+def requests(count: int, words: int, image_size: int, seed: int):
+    """``count`` requests: one random image each, the same question of ``words`` words."""
     from PIL import Image
     rng = np.random.default_rng(seed)
-    question = " ".join(WORDS[i % len(WORDS)] for i in range(text_tokens))
+    question = " ".join(WORDS[i % len(WORDS)] for i in range(words))
     prompt = f"USER: <image> {question}? ASSISTANT:"
     return [{"prompt": prompt, "multi_modal_data": {"image": Image.fromarray(
         rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8))}}
