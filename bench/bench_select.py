@@ -28,7 +28,7 @@ from zspaprune_ops._validate import FEATURE_DTYPES
 from zspaprune_ops.measure import median_seconds, peak_bytes
 from zspaprune_ops.reference.naive import select_batched
 
-IMPLS = ("fused", "reference", "reference_compiled", "divprune_loop")
+IMPLS = ("fused", "fused_graph", "reference", "reference_compiled", "divprune_loop")
 INTERPRETER_MAX_WORK = 1 << 18
 """On CPU ``fused`` runs in Triton's interpreter only where B·N·D·keep is at most this."""
 SLOW_CALL_S = 0.2
@@ -62,6 +62,7 @@ PRESETS = {
         "llava7b-k64-fp32": _case(1, 576, 4096, 64, 64, "float32"),
         "llava13b-k64": _case(1, 576, 5120, 64, 64),
         "llava13b-k192": _case(1, 576, 5120, 64, 192),
+        "llava7b-k64-t650-masks": _case(1, 576, 4096, 650, 64, masks=True),  # the LLaVA path
         "llava7b-k64-b8-masks": _case(8, 576, 4096, 128, 64, masks=True),
         "llava7b-k64-b32": _case(32, 576, 4096, 64, 64),
         "llava7b-k64-b64-masks-t512": _case(64, 576, 4096, 512, 64, masks=True),
@@ -156,6 +157,10 @@ def build(impl: str, shape: Shape, inputs: Inputs, limits: argparse.Namespace):
         if device.type == "cpu" and shape.B * shape.N * shape.D * shape.keep > INTERPRETER_MAX_WORK:
             return None, f"too large for Triton's interpreter (B·N·D·keep > {INTERPRETER_MAX_WORK})"
         return lambda: _public(args, "triton"), None
+    if impl == "fused_graph":
+        if device.type != "cuda":
+            return None, "CUDA graphs need a GPU"
+        return _graph_replay(lambda: _public(args, "triton"), device), None
     if impl == "reference":
         return lambda: _public(args, "reference"), None
     if impl == "reference_compiled":
@@ -171,6 +176,29 @@ def build(impl: str, shape: Shape, inputs: Inputs, limits: argparse.Namespace):
                           f"{limits.divprune_max_bytes / 2**30:.1f} GiB")
         return lambda: baselines.divprune_loop(*args), None
     raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
+
+
+def _graph_replay(fn, device):
+    """``fn`` captured in a CUDA graph (after a warm-up that compiles the kernels): returns a
+    callable that replays it and returns the captured output, so the host's launch overhead
+    stays out of the time."""
+    checks = zspaprune_ops.set_value_checks(False)  # no host sync inside a capture
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+    finally:
+        zspaprune_ops.set_value_checks(checks)
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
 
 
 def _public(args: tuple, backend: str) -> torch.Tensor:
@@ -227,6 +255,8 @@ def run_shape(shape: Shape, impls, device, limits, bandwidth) -> tuple:
                "extra_peak_bytes": None, **floor}
         if device.type == "cpu":
             row["cpu_threads"] = torch.get_num_threads()
+        if impl.startswith("fused") and device.type == "cuda":
+            row.update(_prediction(shape, device))
         fn, reason = build(impl, shape, inputs, limits)
         if fn is not None:
             reason = _first_call(fn, impl, expected, row)
@@ -243,6 +273,20 @@ def run_shape(shape: Shape, impls, device, limits, bandwidth) -> tuple:
                 zspaprune_ops.set_value_checks(checks)
         rows.append(row)
     return rows, wrong
+
+
+def _prediction(shape: Shape, device) -> dict:
+    """The kernels' performance model for this shape on an H100 / H200 (as a CUDA-graph
+    replay): ``predicted_us``, for measured / predicted; nothing on other GPUs."""
+    from zspaprune_ops.kernels import model
+    name = results.device_name(device)
+    kind = "h200" if "H200" in name else "h100" if "H100" in name else None
+    if kind is None:
+        return {}
+    dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[shape.dtype]
+    launches = model.predict(shape.B, shape.N, shape.D, shape.T, shape.keep, shape.ratio, dtype,
+                             shape.masks, kind)
+    return {"predicted_us": model.total_seconds(launches, kind) * 1e6}
 
 
 def _first_call(fn, impl: str, expected: torch.Tensor, row: dict):

@@ -169,8 +169,10 @@ def render_table(group: list) -> list:
     others = [impl for impl in impls if impl != SPEEDUP_OF] if SPEEDUP_OF in impls else []
     with_floor = any(r.get("floor_us") for r in group)
     reasons = []
+    with_model = any(r.get("predicted_us") for r in group)
     header = ["shape"] + (["HBM floor µs"] if with_floor else []) + [f"{i} µs" for i in impls]
     header += [f"{SPEEDUP_OF} vs {impl}" for impl in others]
+    header += ["model µs", "graph / model"] if with_model else []
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for shape in shapes:
         rows = {impl: latest.get((shape, impl)) for impl in impls}
@@ -182,6 +184,13 @@ def render_table(group: list) -> list:
         fused = rows.get(SPEEDUP_OF)
         for impl in others:
             cells.append(_speedup_cell(fused, rows[impl]))
+        if with_model:  # the model predicts a CUDA-graph replay (kernels/model.py)
+            predicted = next((r["predicted_us"] for r in rows.values()
+                              if r and r.get("predicted_us")), None)
+            graph = rows.get("fused_graph") or fused
+            measured = graph.get("median_us") if graph else None
+            cells += [f"{predicted:.1f}" if predicted else "",
+                      f"{measured / predicted:.2f}×" if measured and predicted else ""]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [""] + [f"{i}. skipped: {reason}" for i, reason in enumerate(reasons, 1)]
     if any(r.get("extra_peak_bytes") is not None for r in group):

@@ -161,3 +161,29 @@ def test_shapes_by_name_glob_and_spec():
     for bad in ["nosuch", "B=1,Q=2", "dtype=int8"]:
         with pytest.raises(ValueError, match="--shapes"):
             bench_select.parse_shapes(bad)
+
+
+def test_render_compares_graph_replays_with_the_model():
+    env = {"device": "NVIDIA H200", "torch": "2.11", "triton": "3.6", "commit": "c",
+           "date": "d", "bench": "select", "shape": {"B": 1, "N": 576}, "extra_peak_bytes": None,
+           **results.floor_fields(1_000_000, (1e12, "spec"))}
+    rows = [{**env, "impl": "fused", "median_us": 50.0, "predicted_us": 40.0},
+            {**env, "impl": "fused_graph", "median_us": 44.0, "predicted_us": 40.0},
+            {**env, "impl": "reference", "median_us": 3000.0}]
+    header, _, line = results.render_table(rows)[:3]
+    assert header.endswith("| model µs | graph / model |")
+    assert line.endswith("| 60.00× | 40.0 | 1.10× |")
+
+
+def test_fused_graph_needs_a_gpu_and_the_model_predicts_known_gpus(monkeypatch):
+    shape = bench_select.ALL_SHAPES["llava7b-k64-t650-masks"]
+    assert shape.T == 650 and shape.masks and shape.B == 1  # the LLaVA path's prompt
+    inputs = bench_select.make_inputs(bench_select._spec_shape({"N": "20", "D": "8", "keep": "3"}),
+                                      torch.device("cpu"))
+    fn, reason = bench_select.build("fused_graph", shape, inputs, None)
+    assert fn is None and "GPU" in reason
+    monkeypatch.setattr(results, "device_name", lambda device: "NVIDIA H200")
+    predicted = bench_select._prediction(shape, torch.device("cuda"))["predicted_us"]
+    assert 10 < predicted < 1000
+    monkeypatch.setattr(results, "device_name", lambda device: "NVIDIA A10G")
+    assert bench_select._prediction(shape, torch.device("cuda")) == {}
