@@ -91,7 +91,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=SHIPPED_MODEL,
                         help="folder to save the model in (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=1100, help="(default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=800, help="(default: %(default)s)")
     parser.add_argument("--batch", type=int, default=16, help="(default: %(default)s)")
     parser.add_argument("--lr", type=float, default=2e-3, help="(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")

@@ -1,0 +1,68 @@
+"""The shapes world: deterministic scenes whose pixels and answers agree; the training script
+runs and saves a model that loads and answers."""
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from zspaprune_ops.world import scenes  # noqa: E402
+from zspaprune_ops.world.model import WORDS, build_processor  # noqa: E402
+
+
+def test_samples_are_deterministic_and_splits_differ():
+    first = scenes.sample("test", 3)
+    again = scenes.sample(2, 3)  # the test split's seed
+    assert first.image.tobytes() == again.image.tobytes()
+    assert (first.question, first.answer, first.things) == (again.question, again.answer,
+                                                            again.things)
+    assert scenes.sample("train", 3).image.tobytes() != first.image.tobytes()
+    with pytest.raises(ValueError, match="split must be one of"):
+        scenes.sample("dev", 0)
+
+
+def test_answers_and_pixels_match_the_scene():
+    kinds = set()
+    for index in range(60):
+        s = scenes.sample("val", index)
+        kinds.add(s.kind)
+        shapes = {t.shape: t.colour for t in s.things}
+        assert len(shapes) == len(s.things) == len({t.colour for t in s.things}) in (2, 3)
+        assert s.answer in scenes.ANSWERS[s.kind]
+        named = s.question.rstrip("?").split()[-1]
+        if s.kind == "color":
+            assert shapes[named] == s.answer
+        elif s.kind == "shape":
+            assert shapes[s.answer] == named
+        else:
+            assert (named in shapes) == (s.answer == "yes")
+        for thing in s.things:  # the middle of the lower half is inside every shape
+            left, top, right, bottom = thing.box
+            pixel = s.image.getpixel(((left + right) // 2, (top + 2 * bottom) // 3))
+            assert pixel == scenes.COLOURS[thing.colour]
+    assert kinds == set(scenes.KINDS)
+
+
+def test_every_question_and_answer_is_known_words():
+    tokenizer = build_processor().tokenizer
+    unknown = tokenizer.convert_tokens_to_ids("<unk>")
+    for index in range(30):
+        s = scenes.sample("train", index)
+        ids = tokenizer(f"USER: {s.question} ASSISTANT: {s.answer}")["input_ids"]
+        assert unknown not in ids
+        assert len(tokenizer(s.answer)["input_ids"]) == 1
+    assert len(set(WORDS)) == len(WORDS)
+
+
+def test_training_script_runs_a_few_steps_and_saves_a_loadable_model(tmp_path, capsys):
+    from zspaprune_ops.demo import load
+    from zspaprune_ops.world import train
+
+    train.main(["--steps", "2", "--batch", "2", "--log-every", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "step 2/2 loss" in out and f"saved to {tmp_path}" in out
+    model, processor = load(str(tmp_path), torch.device("cpu"), torch.float32)
+    assert model.config.image_seq_length == 256
+    from safetensors.torch import load_file
+    assert {t.dtype for t in load_file(tmp_path / "model.safetensors").values()} == {
+        torch.float16}
+    batch = train.batch_inputs(processor, scenes.samples("val", 2), with_answers=False)
+    assert model.generate(**batch, max_new_tokens=2, do_sample=False).shape[0] == 2
