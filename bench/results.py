@@ -6,6 +6,9 @@ Each measurement is a JSON row in a results file (a JSON list)::
      "median_us": 41.2, "extra_peak_bytes": 123456, "device": "NVIDIA H100 80GB HBM3",
      "torch": "2.11.0", "triton": "3.6.0", "commit": "abc1234", "date": "2026-11-25"}
 
+``"bench": "accuracy"`` rows (``zspaprune eval``) carry ``method``, ``keep``, ``accuracy``,
+``ci95``, ``agreement`` instead of times (format: ``zspaprune_ops/eval/run.py``).
+
 Optional fields: ``"skipped"`` (why the impl did not run; ``median_us`` is then null),
 ``"floor_bytes"`` / ``"floor_us"`` / ``"bandwidth_Bps"`` / ``"bandwidth_source"`` (the HBM
 floor: bytes that must be read once / the device's bandwidth; ``floor_us`` null where the
@@ -149,6 +152,11 @@ def render(rows: list, source: str = "`bench/results/*.json`") -> str:
     for (device, bench, torch_v, triton_v, commit, date), group in runs.items():
         out += [f"## {bench} on {device}", "",
                 f"torch {torch_v}, triton {triton_v}, commit {commit}, {date}", ""]
+        if bench == "accuracy":
+            from zspaprune_ops.eval.report import table
+
+            out += [table(group, markdown=True), ""]
+            continue
         if not _is_gpu(device):
             threads = sorted({r["cpu_threads"] for r in group if r.get("cpu_threads")})
             on = f" with {'/'.join(map(str, threads))} torch thread(s)" if threads else ""

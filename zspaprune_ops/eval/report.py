@@ -8,34 +8,34 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
-def table(rows: List[dict]) -> str:
+def table(rows: List[dict], markdown: bool = False) -> str:
     """One line per method, one column per budget: ``accuracy% (agreement%)``; then the unpruned
-    accuracy with its 95% interval."""
+    accuracy with its 95% interval. Plain text, or a Markdown table."""
     unpruned = rows[0]
     budgets = list(dict.fromkeys(r["shape"]["budget"] for r in rows[1:]))
     keeps = {r["shape"]["budget"]: r["keep"] for r in rows[1:]}
-    methods = list(dict.fromkeys(r["method"] for r in rows[1:]))
     cell = {(r["method"], r["shape"]["budget"]): r for r in rows[1:]}
-    width = max(len(m) for m in [*methods, "method"]) + 2
-    header = "".join(f"{f'{b:.0%} ({_tokens(keeps[b])})':>16}" for b in budgets)
-    lines = [f"{'method':<{width}}{header}"]
-    for method in methods:
-        cells = "".join(f"{_percent(cell[method, b]):>16}" for b in budgets)
-        lines.append(f"{method:<{width}}{cells}")
+    grid = [["method", *(f"{b:.0%} ({keeps[b]:g} tokens)" for b in budgets)]]
+    for method in dict.fromkeys(r["method"] for r in rows[1:]):
+        grid.append([method, *(_percent(cell[method, b]) for b in budgets)])
+    if markdown:
+        lines = ["| " + " | ".join(line) + " |" for line in grid]
+        lines.insert(1, "|---" * len(grid[0]) + "|")
+    else:
+        width = max(len(line[0]) for line in grid) + 2
+        lines = [f"{line[0]:<{width}}" + "".join(f"{c:>18}" for c in line[1:]) for line in grid]
     low, high = unpruned["ci95"]
-    lines += ["", f"accuracy % (agreement with the unpruned answer %) over "
-                  f"{unpruned['shape']['questions']} questions; columns: budget (kept tokens); "
-                  f"unpruned ({_tokens(unpruned['keep'])} tokens): "
-                  f"{unpruned['accuracy']:.1%} [{low:.1%}, {high:.1%}] (95% Wilson interval)"]
+    shape = unpruned["shape"]
+    lines += ["", f"{shape['model']} on {shape['data']}: accuracy % (agreement with the "
+                  f"unpruned answer %) over "
+                  f"{unpruned['shape']['questions']} questions; unpruned "
+                  f"({unpruned['keep']:g} tokens): {unpruned['accuracy']:.1%} "
+                  f"[{low:.1%}, {high:.1%}] (95% Wilson interval)."]
     return "\n".join(lines)
 
 
 def _percent(row: dict) -> str:
     return f"{row['accuracy'] * 100:.1f} ({row['agreement'] * 100:.0f})"
-
-
-def _tokens(keep: float) -> str:
-    return f"{keep:g}"
 
 
 def plot(rows: List[dict], title: str, size=(900, 560)) -> Image.Image:
