@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("transformers")
 from zspaprune_ops.world import scenes  # noqa: E402
-from zspaprune_ops.world.model import WORDS, build_processor  # noqa: E402
+from zspaprune_ops.world.model import WORDS, build_processor, chat_prompt  # noqa: E402
 
 
 def test_samples_are_deterministic_and_splits_differ():
@@ -56,7 +56,8 @@ def test_training_script_runs_a_few_steps_and_saves_a_loadable_model(tmp_path, c
     from zspaprune_ops.demo import load
     from zspaprune_ops.world import train
 
-    train.main(["--steps", "2", "--batch", "2", "--log-every", "1", "--out", str(tmp_path)])
+    train.main(["--steps", "2", "--batch", "2", "--turns", "3", "--log-every", "1", "--out",
+                str(tmp_path)])
     out = capsys.readouterr().out
     assert "step 2/2 loss" in out and f"saved to {tmp_path}" in out
     model, processor = load(str(tmp_path), torch.device("cpu"), torch.float32)
@@ -64,5 +65,26 @@ def test_training_script_runs_a_few_steps_and_saves_a_loadable_model(tmp_path, c
     from safetensors.torch import load_file
     assert {t.dtype for t in load_file(tmp_path / "model.safetensors").values()} == {
         torch.float16}
-    batch = train.batch_inputs(processor, scenes.samples("val", 2), with_answers=False)
-    assert model.generate(**batch, max_new_tokens=2, do_sample=False).shape[0] == 2
+    batch = processor(images=[scenes.sample("val", 0).image], return_tensors="pt",
+                      text=[chat_prompt(scenes.sample("val", 0).question)])
+    assert model.generate(**batch, max_new_tokens=2, do_sample=False).shape[0] == 1
+
+
+def test_training_labels_are_every_answer_and_end_of_turn():
+    from zspaprune_ops.world import train
+
+    processor = build_processor()
+    batch = scenes.samples("train", 3)
+    inputs = train.batch_inputs(processor, batch, turns=4, seed="t")
+    for sample, ids, labels in zip(batch, inputs["input_ids"], inputs["labels"]):
+        words = processor.tokenizer.convert_ids_to_tokens(labels[labels != -100].tolist())
+        answers, ends = words[::2], words[1::2]
+        assert len(answers) == 4 and ends == ["</s>"] * 4
+        assert answers[0] == sample.answer  # the sample's own question comes first
+        truth = {q.replace(" ", ""): a for _, q, a in scenes.all_questions(sample.things)}
+        tokens = processor.tokenizer.convert_ids_to_tokens(ids.tolist())
+        turns = "".join(t for t in tokens if t not in ("<image>", "<pad>")).split("USER:")[1:]
+        asked = [turn.split("ASSISTANT:") for turn in turns]
+        assert [truth[q] for q, _ in asked] == [a.removesuffix("</s>") for _, a in asked]
+        assert len(set(q for q, _ in asked)) == 4 and [a for _, a in asked] == [
+            f"{a}</s>" for a in answers]

@@ -224,14 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="questions to ask: the first N of --data (default: all) or N of the "
                          "shapes world (default: 200)")
     ev.add_argument("--methods", nargs="+", choices=EVAL_METHODS, default=list(EVAL_METHODS),
-                    help="selection methods (default: all)")
+                    help="selection methods (default: %(default)s)")
     ev.add_argument("--ratios", type=ratio, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
                     help="ZSPAPrune relevance ratios, one method each; 0 is DivPrune, 1 "
                          "relevance only (default: %(default)s)")
     ev.add_argument("--budgets", type=fraction, nargs="+",
                     default=[0.5, 0.25, round(1 / 9, 4), 0.05],
-                    help="kept share of each image's visual tokens, one budget each "
-                         "(default: %(default)s: 288 144 64 29 of 576)")
+                    help="kept share of each image's visual tokens, one budget each; 0.1111 "
+                         "is LLaVA's 64 of 576 (default: %(default)s)")
     ev.add_argument("--max-new-tokens", type=positive_int, default=8,
                     help="generated tokens per answer (default: %(default)s)")
     ev.add_argument("--seed", type=_int, default=0,

@@ -80,6 +80,15 @@ def sample(split, index: int) -> Sample:
     return Sample(image, question, answer, kind, tuple(things))
 
 
+def all_questions(things) -> List[Tuple[str, str, str]]:
+    """Every question the world asks about a scene of ``things``: (kind, question, answer)."""
+    present = {t.shape for t in things}
+    return ([("color", f"What color is the {t.shape}?", t.colour) for t in things]
+            + [("shape", f"Which shape is {t.colour}?", t.shape) for t in things]
+            + [("exists", f"Is there a {shape}?", "yes" if shape in present else "no")
+               for shape in SHAPES])
+
+
 def samples(split, count: int, start: int = 0) -> List[Sample]:
     return [sample(split, i) for i in range(start, start + count)]
 

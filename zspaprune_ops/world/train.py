@@ -10,6 +10,7 @@ torch build and thread count; the shipped model was trained with the defaults be
 """
 import argparse
 import math
+import random
 import time
 from pathlib import Path
 
@@ -19,21 +20,29 @@ from zspaprune_ops.world import scenes
 from zspaprune_ops.world.model import SHIPPED_MODEL, build_model, build_processor, chat_prompt
 
 
-def batch_inputs(processor, batch, with_answers: bool = True) -> dict:
-    """Processor inputs for world samples; with answers, ``labels`` mark the answer and ``</s>``
-    (everything else -100). Right-padded."""
+def conversation(sample: scenes.Sample, turns: int, seed: str) -> str:
+    """The training text of ``sample``: its own question first, then ``turns - 1`` other
+    questions about the same scene (LLaVA's multi-turn format), each answer ended by ``</s>``.
+    Several answers per image give several learning signals for one pass of the vision tower."""
+    others = [(q, a) for _, q, a in scenes.all_questions(sample.things) if q != sample.question]
+    extra = random.Random(seed).sample(others, min(turns - 1, len(others)))
+    text = f"{chat_prompt(sample.question)} {sample.answer}</s>"
+    return text + "".join(f"USER: {q} ASSISTANT: {a}</s>" for q, a in extra)
+
+
+def batch_inputs(processor, batch, turns: int = 1, seed: str = "") -> dict:
+    """Processor inputs for world samples (right-padded) with ``labels``: every answer token
+    and ``</s>`` of ``conversation(...)``, everything else -100."""
     tokenizer = processor.tokenizer
-    texts = [chat_prompt(s.question) + (f" {s.answer}</s>" if with_answers else "")
-             for s in batch]
+    texts = [conversation(s, turns, f"{seed}/{i}") for i, s in enumerate(batch)]
     inputs = processor(images=[s.image for s in batch], text=texts, return_tensors="pt",
                        padding=True)
-    if with_answers:
-        ids = inputs["input_ids"]
-        colon = tokenizer.convert_tokens_to_ids(":")
-        positions = torch.arange(ids.shape[1]).expand_as(ids)
-        last_colon = torch.where(ids == colon, positions, -1).max(dim=1, keepdim=True).values
-        answer = (positions > last_colon) & (inputs["attention_mask"] == 1)
-        inputs["labels"] = ids.masked_fill(~answer, -100)
+    ids = inputs["input_ids"]
+    colon, assistant = tokenizer.convert_tokens_to_ids([":", "ASSISTANT"])
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+    answer[:, 2:] = (ids[:, 1:-1] == colon) & (ids[:, :-2] == assistant)
+    answer |= ids == tokenizer.eos_token_id
+    inputs["labels"] = ids.masked_fill(~answer, -100)
     return inputs
 
 
@@ -43,12 +52,13 @@ def answer_accuracy(model, processor, batch) -> float:
     labels = inputs.pop("labels")
     with torch.no_grad():
         logits = model(**inputs).logits
-    first = (labels != -100).int().argmax(dim=1)  # the answer's position
+    first = (labels != -100).int().argmax(dim=1)  # the (first) answer's position
     rows = torch.arange(len(batch))
     return (logits[rows, first - 1].argmax(-1) == labels[rows, first]).float().mean().item()
 
 
-def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, log_every: int = 50):
+def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, turns: int,
+          log_every: int = 50):
     processor = build_processor()
     model = build_model(seed)
     model.train()
@@ -65,7 +75,7 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, log_ever
     start, running = time.time(), []
     for step in range(steps):
         batch = scenes.samples("train", batch_size, start=step * batch_size)
-        loss = model(**batch_inputs(processor, batch)).loss
+        loss = model(**batch_inputs(processor, batch, turns, f"{seed}/{step}")).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -95,6 +105,9 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=16, help="(default: %(default)s)")
     parser.add_argument("--lr", type=float, default=2e-3, help="(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    parser.add_argument("--turns", type=int, default=5,
+                        help="questions per training image, as a multi-turn conversation "
+                             "(default: %(default)s)")
     parser.add_argument("--log-every", type=int, default=50,
                         help="steps between log lines (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1,
@@ -102,7 +115,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     _, _, seconds = train(args.out, args.steps, args.batch, args.lr, args.seed,
-                          args.log_every)
+                          args.turns, args.log_every)
     print(f"trained {args.steps} steps x {args.batch} in {seconds / 60:.1f} min; "
           f"saved to {args.out}")
 
