@@ -261,7 +261,7 @@ def _ratio(numerator, denominator) -> str:
 def main(args: argparse.Namespace) -> DemoResult:
     """Run the demo for parsed ``args`` (see ``zspaprune demo --help``); prints the report,
     writes the overlay, returns the result. Raises UsageError for unusable arguments."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     from zspaprune_ops.overlay import Budget, draw_overlay, token_grids
 

@@ -89,6 +89,28 @@ def all_questions(things) -> List[Tuple[str, str, str]]:
                for shape in SHAPES])
 
 
+def patch_labels(things, min_pixels: int = 20) -> Tuple[List[int], List[int]]:
+    """Per patch (raster order, 256 of them): (shape, colour) of the thing covering most of it,
+    as 1 + the index in ``SHAPES`` / ``COLOURS``; 0 where no thing covers ``min_pixels``."""
+    mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw = ImageDraw.Draw(mask)
+    for index, thing in enumerate(things):
+        _draw_thing(draw, thing, fill=index + 1)
+    side, pixels = IMAGE_SIZE // PATCH_SIZE, mask.load()
+    shapes, colours = [], []
+    for row in range(side):
+        for col in range(side):
+            counts = [0] * (len(things) + 1)
+            for y in range(row * PATCH_SIZE, (row + 1) * PATCH_SIZE):
+                for x in range(col * PATCH_SIZE, (col + 1) * PATCH_SIZE):
+                    counts[pixels[x, y]] += 1
+            best = max(range(1, len(counts)), key=counts.__getitem__)
+            thing = things[best - 1] if counts[best] >= min_pixels else None
+            shapes.append(0 if thing is None else 1 + SHAPES.index(thing.shape))
+            colours.append(0 if thing is None else 1 + list(COLOURS).index(thing.colour))
+    return shapes, colours
+
+
 def samples(split, count: int, start: int = 0) -> List[Sample]:
     return [sample(split, i) for i in range(start, start + count)]
 
@@ -129,10 +151,10 @@ def _draw(rng: random.Random, things: List[Thing]) -> Image.Image:
     return image
 
 
-def _draw_thing(draw: ImageDraw.ImageDraw, thing: Thing) -> None:
+def _draw_thing(draw: ImageDraw.ImageDraw, thing: Thing, fill=None) -> None:
     left, top, right, bottom = thing.box
     right, bottom = right - 1, bottom - 1
-    fill = COLOURS[thing.colour]
+    fill = COLOURS[thing.colour] if fill is None else fill
     if thing.shape == "circle":
         draw.ellipse((left, top, right, bottom), fill=fill)
     elif thing.shape == "square":

@@ -2,8 +2,9 @@
 
 One stage, every weight trained together (a from-scratch vision tower has nothing for a
 projector-only stage to align): AdamW, linear warm-up then cosine decay, cross-entropy on the
-answer token and the end-of-sequence token only. Each step draws a fresh batch of the train
-split (sample ``step * batch + i``), so no question repeats. Deterministic for a seed on a given
+answer tokens and their ``</s>`` only. Each step draws a fresh batch of the train split (sample
+``step * batch + i``), so no scene repeats; each scene is a multi-turn conversation of its own
+question and ``--turns - 1`` other questions about it. Deterministic for a seed on a given
 torch build and thread count; the shipped model was trained with the defaults below under
 ``torch.set_num_threads(1)``. Saves fp16 weights, tokenizer and processor with
 ``save_pretrained``.
@@ -57,13 +58,39 @@ def answer_accuracy(model, processor, batch) -> float:
     return (logits[rows, first - 1].argmax(-1) == labels[rows, first]).float().mean().item()
 
 
+class PatchHeads(torch.nn.Module):
+    """Training-only linear heads on the projected visual tokens [B, N, D]: each patch's shape
+    and colour (``scenes.patch_labels``, class 0 = no thing). Dense supervision teaches the
+    from-scratch vision tower what the scene holds far faster than one answer per question;
+    the heads are not saved (the shipped model is a plain LLaVA)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.shape = torch.nn.Linear(dim, 1 + len(scenes.SHAPES))
+        self.colour = torch.nn.Linear(dim, 1 + len(scenes.COLOURS))
+
+    def loss(self, visual: torch.Tensor, batch) -> torch.Tensor:
+        labels = [scenes.patch_labels(s.things) for s in batch]
+        shapes = torch.tensor([shape for shape, _ in labels]).flatten()
+        colours = torch.tensor([colour for _, colour in labels]).flatten()
+        visual = visual.reshape(len(shapes), -1)
+        cross_entropy = torch.nn.functional.cross_entropy
+        return cross_entropy(self.shape(visual), shapes) + cross_entropy(self.colour(visual),
+                                                                          colours)
+
+
 def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, turns: int,
-          log_every: int = 50):
+          patch_weight: float, log_every: int = 50):
     processor = build_processor()
     model = build_model(seed)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01,
-                                  betas=(0.9, 0.98))
+    torch.manual_seed(seed)
+    heads = PatchHeads(model.config.text_config.hidden_size)
+    projected = []  # the projector's output of the current step: [B * N, D]
+    hook = model.model.multi_modal_projector.register_forward_hook(
+        lambda module, args, output: projected.append(output))
+    parameters = [*model.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
 
     def schedule(step):
@@ -75,21 +102,25 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, turns: i
     start, running = time.time(), []
     for step in range(steps):
         batch = scenes.samples("train", batch_size, start=step * batch_size)
+        projected.clear()
         loss = model(**batch_inputs(processor, batch, turns, f"{seed}/{step}")).loss
+        patch_loss = heads.loss(projected[0], batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        (loss + patch_weight * patch_loss).backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         lr_schedule.step()
-        running.append(loss.item())
+        running.append((loss.item(), patch_loss.item()))
         if (step + 1) % log_every == 0 or step + 1 == steps:
             model.eval()
             accuracy = answer_accuracy(model, processor, scenes.samples("val", 48))
             model.train()
-            print(f"step {step + 1}/{steps} loss {sum(running) / len(running):.4f} "
+            answer_loss, patch_loss = (sum(r[i] for r in running) / len(running) for i in (0, 1))
+            print(f"step {step + 1}/{steps} loss {answer_loss:.4f} patch loss {patch_loss:.4f} "
                   f"val accuracy {accuracy:.2f} (48 questions) {time.time() - start:.0f} s",
                   flush=True)
             running = []
+    hook.remove()
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(out)
@@ -101,12 +132,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=SHIPPED_MODEL,
                         help="folder to save the model in (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=800, help="(default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=700, help="(default: %(default)s)")
     parser.add_argument("--batch", type=int, default=16, help="(default: %(default)s)")
     parser.add_argument("--lr", type=float, default=2e-3, help="(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--turns", type=int, default=5,
                         help="questions per training image, as a multi-turn conversation "
+                             "(default: %(default)s)")
+    parser.add_argument("--patch-weight", type=float, default=1.0,
+                        help="weight of the per-patch shape/colour loss, 0 for none "
                              "(default: %(default)s)")
     parser.add_argument("--log-every", type=int, default=50,
                         help="steps between log lines (default: %(default)s)")
@@ -115,7 +149,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     _, _, seconds = train(args.out, args.steps, args.batch, args.lr, args.seed,
-                          args.turns, args.log_every)
+                          args.turns, args.patch_weight, args.log_every)
     print(f"trained {args.steps} steps x {args.batch} in {seconds / 60:.1f} min; "
           f"saved to {args.out}")
 
