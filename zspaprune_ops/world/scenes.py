@@ -4,7 +4,7 @@ on every machine.
 
 A scene is a 224x224 RGB image (16x16 patches of 14 px: 256 visual tokens) with 2 or 3 objects
 of distinct shapes (circle, square, triangle, cross) and distinct colours (red, green, blue,
-yellow, purple), each 30-46 px wide (about 3x3 patches), not overlapping, on a light background
+yellow, purple), each 48-76 px wide (4-5 patches), not overlapping, on a light background
 tinted and speckled at random, with 4-8 thin grey clutter strokes. Questions, one per sample,
 the three kinds equally often:
 
@@ -120,7 +120,7 @@ def _place(rng: random.Random) -> List[Thing]:
     colours = rng.sample(list(COLOURS), len(shapes))
     things: List[Thing] = []
     while len(things) < len(shapes):
-        size = rng.randint(30, 46)
+        size = rng.randint(48, 76)
         left, top = rng.randint(4, IMAGE_SIZE - size - 4), rng.randint(4, IMAGE_SIZE - size - 4)
         box = (left, top, left + size, top + size)
         if all(_apart(box, other.box) for other in things):
