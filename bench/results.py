@@ -24,11 +24,12 @@ committed ``bench/results/<device>.json``, which a run writes only when asked wi
 import datetime
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from zspaprune_ops.measure import device_name, environment  # noqa: F401 (re-exported)
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
@@ -37,28 +38,6 @@ SPEEDUP_OF = "fused"
 
 KNOWN_BANDWIDTH_BPS = {"H100 80GB HBM3": 3.35e12, "H100 SXM": 3.35e12, "H200": 4.8e12}
 """Spec HBM bandwidth by a substring of the CUDA device name (H100 SXM, H200)."""
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({device.type})" if device.type != "cpu" else "cpu"
-
-
-def environment(device: torch.device) -> dict:
-    """Fields every row carries: device name, versions, commit and date."""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                                capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
-            "commit": commit, "date": datetime.date.today().isoformat()}
 
 
 def hbm_bandwidth(device: torch.device) -> tuple:

@@ -47,6 +47,17 @@ def load(model_path: Optional[str], device: torch.device, dtype: torch.dtype):
     return wrapped.model.to(device).eval(), AutoProcessor.from_pretrained(path)
 
 
+def load_model(model_path: Optional[str], device: torch.device, dtype: torch.dtype):
+    """``load`` for the command line: a ``--model`` folder that fails to load is a UsageError."""
+    try:
+        return load(model_path, device, dtype)
+    except Exception as error:  # noqa: BLE001 (a user's folder: any failure is a usage error)
+        if model_path is None:
+            raise
+        raise UsageError(f"--model {model_path}: not a loadable LLaVA-1.5 / LLaVA-NeXT "
+                         f"checkpoint ({describe(error)})") from None
+
+
 def default_inputs(args: argparse.Namespace):
     """(image, prompt, ground truth or None) of the run: the shapes world's scene and question
     for the default model (each replaced by ``--image`` / ``--prompt`` when given); the bundled
@@ -274,13 +285,7 @@ def main(args: argparse.Namespace) -> DemoResult:
     except (UnidentifiedImageError, OSError) as error:
         raise UsageError(f"--image {args.image}: not an image Pillow can read ({error})") from None
     torch.manual_seed(0)
-    try:
-        model, processor = load(args.model, device, dtype)
-    except Exception as error:  # noqa: BLE001 (a user's folder: any failure is a usage error)
-        if args.model is None:
-            raise
-        raise UsageError(f"--model {args.model}: not a loadable LLaVA-1.5 / LLaVA-NeXT "
-                         f"checkpoint ({describe(error)})") from None
+    model, processor = load_model(args.model, device, dtype)
     if args.model is None:
         note = ("model: the shapes-world LLaVA shipped with zspaprune (a small LLaVA trained on "
                 "synthetic scenes of coloured shapes; see README, `zspaprune eval`). "

@@ -112,28 +112,6 @@ def _mean(values: List[int]) -> float:
     return round(sum(values) / max(1, len(values)), 2)
 
 
-def environment(device: torch.device) -> dict:
-    """The fields every results row carries (as ``bench/results.py`` writes them)."""
-    import datetime
-    import subprocess
-    from pathlib import Path
-
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                cwd=Path(__file__).parent, capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return {"device": name, "torch": torch.__version__, "triton": triton_version,
-            "commit": commit, "date": datetime.date.today().isoformat()}
-
-
 def main(args) -> List[dict]:
     """``zspaprune eval`` for parsed ``args``: prints the table, writes the rows and the plot,
     returns the rows. Raises UsageError for unusable arguments."""
@@ -142,10 +120,11 @@ def main(args) -> List[dict]:
     from pathlib import Path
 
     from zspaprune_ops._validate import FEATURE_DTYPES
-    from zspaprune_ops.cli import UsageError, describe
-    from zspaprune_ops.demo import load
+    from zspaprune_ops.cli import UsageError
+    from zspaprune_ops.demo import load_model
     from zspaprune_ops.eval import data, report
     from zspaprune_ops.eval.methods import Method
+    from zspaprune_ops.measure import environment
 
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = FEATURE_DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
@@ -167,13 +146,7 @@ def main(args) -> List[dict]:
             raise UsageError(f"--split {error}") from None
         questions = data.world_questions(split, args.questions or 200)
         data_name = f"shapes-world {args.split} (seed {seed})"
-    try:
-        model, processor = load(args.model, device, dtype)
-    except Exception as error:  # noqa: BLE001 (a user's folder: any failure is a usage error)
-        if args.model is None:
-            raise
-        raise UsageError(f"--model {args.model}: not a loadable LLaVA-1.5 / LLaVA-NeXT "
-                         f"checkpoint ({describe(error)})") from None
+    model, processor = load_model(args.model, device, dtype)
     methods = [Method("zspaprune", r) for r in dict.fromkeys(args.ratios)
                if "zspaprune" in args.methods]
     methods += [Method(name) for name in args.methods if name != "zspaprune"]
