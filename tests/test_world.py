@@ -70,8 +70,8 @@ def test_training_script_runs_a_few_steps_and_saves_a_loadable_model(tmp_path, c
     from zspaprune_ops.demo import load
     from zspaprune_ops.world import train
 
-    train.main(["--steps", "2", "--batch", "2", "--turns", "3", "--log-every", "1", "--out",
-                str(tmp_path)])
+    train.main(["--steps", "2", "--batch", "2", "--turns", "3", "--thin-steps", "1",
+                "--log-every", "1", "--out", str(tmp_path)])  # a thinned step, then a full one
     out = capsys.readouterr().out
     assert "step 2/2 loss" in out and f"saved to {tmp_path}" in out
     model, processor = load(str(tmp_path), torch.device("cpu"), torch.float32)
@@ -102,3 +102,23 @@ def test_training_labels_are_every_answer_and_end_of_turn():
         assert [truth[q] for q, _ in asked] == [a.removesuffix("</s>") for _, a in asked]
         assert len(set(q for q, _ in asked)) == 4 and [a for _, a in asked] == [
             f"{a}</s>" for a in answers]
+
+
+def test_thinned_training_keeps_objects_and_text():
+    """With no background kept, the thinned sequence is the text plus the object patches."""
+    from zspaprune_ops.world import train
+    from zspaprune_ops.world.model import build_model
+
+    processor, model = build_processor(), build_model()
+    batch = scenes.samples("train", 2)
+    inputs = train.batch_inputs(processor, batch, turns=2)
+    seen = []
+    hook = model.model.language_model.register_forward_hook(
+        lambda module, args, kwargs, output: seen.append(kwargs["attention_mask"].sum(1)),
+        with_kwargs=True)
+    loss = train.thinned_loss(model, inputs, batch, 0.0, torch.Generator())
+    hook.remove()
+    text = (inputs["input_ids"] != model.config.image_token_id) & (inputs["attention_mask"] == 1)
+    objects = [sum(label > 0 for label in scenes.patch_labels(s.things)[0]) for s in batch]
+    assert seen[0].tolist() == [int(t) + o for t, o in zip(text.sum(1), objects)]
+    assert torch.isfinite(loss)

@@ -79,8 +79,38 @@ class PatchHeads(torch.nn.Module):
                                                                           colours)
 
 
+def thinned_loss(model, inputs: dict, batch, keep_background: float,
+                 generator: torch.Generator) -> torch.Tensor:
+    """The answer loss with each image reduced to its object patches and a random
+    ``keep_background`` share of the others (text tokens all kept, positions contiguous, as
+    after pruning). Early in training this shortens the haystack the language model must
+    search, so it learns to attend to the named object instead of the question-kind prior."""
+    ids, labels = inputs["input_ids"], inputs["labels"]
+    features = model.model.get_image_features(
+        pixel_values=inputs["pixel_values"], vision_feature_layer=model.config.vision_feature_layer,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        return_dict=True).pooler_output
+    features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+    embeds = model.get_input_embeddings()(ids)
+    image = ids == model.config.image_token_id
+    embeds = embeds.masked_scatter(image[..., None], features.reshape(-1, embeds.shape[-1]))
+    objects = torch.tensor([scenes.patch_labels(s.things)[0] for s in batch]) > 0
+    chosen = objects | (torch.rand(objects.shape, generator=generator) < keep_background)
+    keep = ~image & (inputs["attention_mask"] == 1)
+    keep[image] = chosen.flatten()
+    length = int(keep.sum(1).max())
+    rows = [keep_row.nonzero().squeeze(1) for keep_row in keep]
+    pad = lambda x, value: torch.stack([  # noqa: E731
+        torch.cat([x[b, r], x.new_full((length - len(r), *x.shape[2:]), value)])
+        for b, r in enumerate(rows)])
+    mask = torch.stack([torch.arange(length) < len(r) for r in rows]).long()
+    return model(inputs_embeds=pad(embeds, 0.0), attention_mask=mask,
+                 labels=pad(labels, -100)).loss
+
+
 def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, turns: int,
-          patch_weight: float, log_every: int = 50):
+          patch_weight: float, thin_steps: int = 0, keep_background: float = 0.15,
+          log_every: int = 50):
     processor = build_processor()
     model = build_model(seed)
     model.train()
@@ -100,10 +130,15 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, turns: i
 
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     start, running = time.time(), []
+    generator = torch.Generator().manual_seed(seed)
     for step in range(steps):
         batch = scenes.samples("train", batch_size, start=step * batch_size)
         projected.clear()
-        loss = model(**batch_inputs(processor, batch, turns, f"{seed}/{step}")).loss
+        inputs = batch_inputs(processor, batch, turns, f"{seed}/{step}")
+        if step < thin_steps:
+            loss = thinned_loss(model, inputs, batch, keep_background, generator)
+        else:
+            loss = model(**inputs).loss
         patch_loss = heads.loss(projected[0], batch)
         optimizer.zero_grad(set_to_none=True)
         (loss + patch_weight * patch_loss).backward()
@@ -142,6 +177,11 @@ def main(argv=None):
     parser.add_argument("--patch-weight", type=float, default=1.0,
                         help="weight of the per-patch shape/colour loss, 0 for none "
                              "(default: %(default)s)")
+    parser.add_argument("--thin-steps", type=int, default=350,
+                        help="first steps trained on thinned images: object patches plus "
+                             "--keep-background of the others (default: %(default)s)")
+    parser.add_argument("--keep-background", type=float, default=0.15,
+                        help="(default: %(default)s)")
     parser.add_argument("--log-every", type=int, default=50,
                         help="steps between log lines (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1,
@@ -149,7 +189,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     _, _, seconds = train(args.out, args.steps, args.batch, args.lr, args.seed,
-                          args.turns, args.patch_weight, args.log_every)
+                          args.turns, args.patch_weight, args.thin_steps,
+                          args.keep_background, args.log_every)
     print(f"trained {args.steps} steps x {args.batch} in {seconds / 60:.1f} min; "
           f"saved to {args.out}")
 
