@@ -111,10 +111,12 @@ def write_jsonl(tmp_path, count):
 
 def test_jsonl_dataset_gives_the_same_answers_as_the_world(tmp_path, capsys):
     path = write_jsonl(tmp_path, 3)
-    argv = ["--methods", "uniform", "zspaprune", "--ratios", "0.5", "--budgets", "0.1"]
+    argv = ["--methods", "uniform", "zspaprune", "uniform", "--ratios", "0.5", "--budgets", "0.1"]
     from_file, _ = eval_rows(tmp_path, capsys, "--data", str(path), *argv)
     from_world, _ = eval_rows(tmp_path, capsys, "--questions", "3", *argv)
     assert from_file[0]["shape"]["data"] == "questions.jsonl"
+    assert [r["method"] for r in from_file] == ["unpruned", "ratio 0.5", "uniform"]  # each once
+    assert all(r["shape"]["questions"] == 3 and r["correct"] <= 3 for r in from_file)
     for a, b in zip(from_file, from_world, strict=True):
         assert (a["method"], a["correct"], a["agree"]) == (b["method"], b["correct"], b["agree"])
 

@@ -149,7 +149,7 @@ def main(args) -> List[dict]:
     model, processor = load_model(args.model, device, dtype)
     methods = [Method("zspaprune", r) for r in dict.fromkeys(args.ratios)
                if "zspaprune" in args.methods]
-    methods += [Method(name) for name in args.methods if name != "zspaprune"]
+    methods += [Method(name) for name in dict.fromkeys(args.methods) if name != "zspaprune"]
     fractions = list(dict.fromkeys(args.budgets))
 
     def progress(done):

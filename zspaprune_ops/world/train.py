@@ -4,9 +4,10 @@ One stage, every weight trained together (a from-scratch vision tower has nothin
 projector-only stage to align): AdamW, linear warm-up then cosine decay, cross-entropy on the
 answer tokens and their ``</s>`` only. Each step draws a fresh batch of the train split (sample
 ``step * batch + i``), so no scene repeats; each scene is a multi-turn conversation of its own
-question and ``--turns - 1`` other questions about it. Deterministic for a seed on a given
-torch build and thread count; the shipped model was trained with the defaults below under
-``torch.set_num_threads(1)``. Saves fp16 weights, tokenizer and processor with
+question and ``--turns - 1`` other questions about it. Seeded (weights, data, thinning
+draws; reproducing the shipped weights bit for bit was not checked); the shipped model was
+trained with the defaults below under ``torch.set_num_threads(1)`` (11.1 min on a shared
+2-core CPU). Saves fp16 weights, tokenizer and processor with
 ``save_pretrained``.
 """
 import argparse
