@@ -15,13 +15,14 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["zspaprune_ops", "zspaprune_ops.models", "zspaprune_ops.kernels",
-              "zspaprune_ops.reference", "zspaprune_ops.vllm"],
+              "zspaprune_ops.reference", "zspaprune_ops.vllm", "zspaprune_ops.world",
+              "zspaprune_ops.eval"],
     package_dir={
         "zspaprune_ops": "zspaprune_ops",
         "zspaprune_ops.kernels": "kernels",
         "zspaprune_ops.reference": "reference",
     },
-    package_data={"zspaprune_ops": ["assets/*.png"]},
+    package_data={"zspaprune_ops": ["assets/*.png", "assets/shapes_llava/*"]},
     install_requires=["torch>=2.11", "triton>=3.6"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "numpy"],

@@ -6,6 +6,9 @@ Each measurement is a JSON row in a results file (a JSON list)::
      "median_us": 41.2, "extra_peak_bytes": 123456, "device": "NVIDIA H100 80GB HBM3",
      "torch": "2.11.0", "triton": "3.6.0", "commit": "abc1234", "date": "2026-11-25"}
 
+``"bench": "accuracy"`` rows (``zspaprune eval``) carry ``method``, ``keep``, ``accuracy``,
+``ci95``, ``agreement`` instead of times (format: ``zspaprune_ops/eval/run.py``).
+
 Optional fields: ``"skipped"`` (why the impl did not run; ``median_us`` is then null),
 ``"floor_bytes"`` / ``"floor_us"`` / ``"bandwidth_Bps"`` / ``"bandwidth_source"`` (the HBM
 floor: bytes that must be read once / the device's bandwidth; ``floor_us`` null where the
@@ -21,11 +24,12 @@ committed ``bench/results/<device>.json``, which a run writes only when asked wi
 import datetime
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from zspaprune_ops.measure import device_name, environment  # noqa: F401 (re-exported)
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
@@ -34,28 +38,6 @@ SPEEDUP_OF = "fused"
 
 KNOWN_BANDWIDTH_BPS = {"H100 80GB HBM3": 3.35e12, "H100 SXM": 3.35e12, "H200": 4.8e12}
 """Spec HBM bandwidth by a substring of the CUDA device name (H100 SXM, H200)."""
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({device.type})" if device.type != "cpu" else "cpu"
-
-
-def environment(device: torch.device) -> dict:
-    """Fields every row carries: device name, versions, commit and date."""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                                capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
-            "commit": commit, "date": datetime.date.today().isoformat()}
 
 
 def hbm_bandwidth(device: torch.device) -> tuple:
@@ -149,6 +131,11 @@ def render(rows: list, source: str = "`bench/results/*.json`") -> str:
     for (device, bench, torch_v, triton_v, commit, date), group in runs.items():
         out += [f"## {bench} on {device}", "",
                 f"torch {torch_v}, triton {triton_v}, commit {commit}, {date}", ""]
+        if bench == "accuracy":
+            from zspaprune_ops.eval.report import table
+
+            out += [table(group, markdown=True), ""]
+            continue
         if not _is_gpu(device):
             threads = sorted({r["cpu_threads"] for r in group if r.get("cpu_threads")})
             on = f" with {'/'.join(map(str, threads))} torch thread(s)" if threads else ""

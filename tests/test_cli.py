@@ -115,7 +115,7 @@ def subparser(name: str):
     return commands.choices[name]
 
 
-@pytest.mark.parametrize("name", ["select", "demo"])
+@pytest.mark.parametrize("name", ["select", "demo", "eval"])
 def test_help_shows_every_default(name, capsys):
     sub = subparser(name)
     help_text = " ".join(sub.format_help().split())

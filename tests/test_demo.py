@@ -26,6 +26,7 @@ from zspaprune_ops.overlay import CORE_COLOUR, FILL_COLOUR, Layout, token_grids 
 from zspaprune_ops.reference import naive  # noqa: E402
 from zspaprune_ops.rule import core_size  # noqa: E402
 from zspaprune_ops.tiny_llava import build_tiny_llava  # noqa: E402
+from zspaprune_ops.world import scenes  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 ROW = re.compile(r"^\s*(all|\d+)\s+(\d+)\s+(-|\d+)\s+(-|\d+)\s+([\d.]+)\s+([\d.]+)x\s")
@@ -100,55 +101,65 @@ def kv_cache_bytes(config, sequence_length: int) -> int:
 
 
 def test_demo_default_end_to_end(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("ZSPAPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = run_demo("--out", str(tmp_path / "out" / "demo.png"))
     out = capsys.readouterr().out
-    assert "TINY RANDOM-WEIGHT" in out and "include the selection" in out
-    assert f"prompt: {DEMO_PROMPT!r}, chat-formatted: 'USER: <image>\\n{DEMO_PROMPT} ASSISTANT:'" \
-        in out
+    scene = scenes.sample(*demo.WORLD_SCENE)
+    assert "shapes-world LLaVA shipped with zspaprune" in out and "include the selection" in out
+    assert (f"prompt: {scene.question!r}, chat-formatted: "
+            f"'USER: <image>\\n{scene.question} ASSISTANT:'") in out
+    assert f"ground truth: {scene.answer!r}" in out
     assert f"mean of the prompt's {result.prompt_tokens} text tokens" in out
     assert f"overlay of the kept patches: {result.png}" in out
-    assert "centre-cropped" not in out and "no selection" not in out  # a square 336 px image
+    assert "centre-cropped" not in out and "no selection" not in out  # a square 224 px image
 
-    # The table: unpruned first, then 576/3, 576*2/9, 576/9; each budget shortens the sequence
-    # by exactly the pruned tokens and splits into core + fill by the rule.
-    rows = [ROW.match(line).groups() for line in out.splitlines() if ROW.match(line)]
-    assert [r[0] for r in rows] == ["all", "192", "128", "64"]
+    # The table: unpruned first, then 1/2, 1/4, 1/9, 1/20 of 256; each budget shortens the
+    # sequence by exactly the pruned tokens and splits into core + fill by the rule.
+    lines = [line for line in out.splitlines() if ROW.match(line)]
+    rows = [ROW.match(line).groups() for line in lines]
+    assert [r[0] for r in rows] == ["all", "128", "64", "28", "13"]
     full_length = int(rows[0][1])
-    assert full_length == result.prompt_tokens + 576
+    assert full_length == result.prompt_tokens + 256
     for keep, length, core, fill, ms, speedup in rows[1:]:
         keep = int(keep)
-        assert int(length) == full_length - 576 + keep
+        assert int(length) == full_length - 256 + keep
         assert (int(core), int(fill)) == (core_size(keep, 0.5), keep - core_size(keep, 0.5))
         assert float(ms) > 0 and float(speedup) > 0
+    # Each answer is marked against the ground truth; the default scene is one the shipped
+    # model answers right unpruned.
+    for line, row in zip(lines, result.rows):
+        verdict = "right" if row.text.strip() == scene.answer else "wrong"
+        assert line.endswith(f"{row.text!r} {verdict}")
+    assert result.rows[0].text.strip() == scene.answer
 
     # The kept tokens and the core are the reference rule's, on the model's own features.
-    model, processor, is_tiny = demo.load(None, torch.device("cpu"), torch.float32)
-    assert is_tiny and result.image_tokens == 576
-    image = Image.open(demo.SAMPLE_IMAGE).convert("RGB")
-    inputs = model_inputs(model, processor, image)
+    model, processor = demo.load(None, torch.device("cpu"), torch.float32)
+    assert result.image_tokens == 256
+    inputs = model_inputs(model, processor, scene.image, scene.question)
     for row in result.rows[1:]:
         assert (row.kept, row.core) == reference_selection(model, inputs, row.keep, 0.5)
-    check_png(result, model, processor, image)
+    check_png(result, model, processor, scene.image)
 
     # The LM memory column: at least the KV cache of the row's sequence, smaller for each
     # smaller budget (CPU: the torch profiler's timeline).
     lm_bytes = [row.lm_prefill_bytes for row in result.rows]
     for row in result.rows:
         assert row.lm_prefill_bytes >= kv_cache_bytes(model.config, row.sequence_length)
-    assert lm_bytes == sorted(lm_bytes, reverse=True) and len(set(lm_bytes)) == 4
+    assert lm_bytes == sorted(lm_bytes, reverse=True) and len(set(lm_bytes)) == 5
 
 
-def test_default_model_cache_is_reused_and_rebuilt_when_corrupt(tmp_path, monkeypatch):
-    monkeypatch.setenv("ZSPAPRUNE_CACHE", str(tmp_path))
-    folder = demo.tiny_default_dir()
-    stamp = (folder / "complete").stat().st_mtime_ns
-    assert demo.tiny_default_dir() == folder
-    assert (folder / "complete").stat().st_mtime_ns == stamp  # reused, not rebuilt
-    (folder / "config.json").write_text("{ truncated")
-    model, _, is_tiny = demo.load(None, torch.device("cpu"), torch.float32)
-    assert is_tiny and model.config.image_seq_length == 576
-    assert (folder / "config.json").read_text().startswith("{\n")
+def test_shipped_model_is_small_fp16_and_loads_offline(monkeypatch):
+    from safetensors.torch import load_file
+
+    from zspaprune_ops.world.model import SHIPPED_MODEL
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    weights = SHIPPED_MODEL / "model.safetensors"
+    assert weights.stat().st_size < 3 * 2**20
+    assert {t.dtype for t in load_file(weights).values()} == {torch.float16}
+    model, processor = demo.load(None, torch.device("cpu"), torch.float32)
+    assert model.config.image_seq_length == 256 and model.dtype == torch.float32
+    assert processor.tokenizer.convert_tokens_to_ids("circle") != processor.tokenizer.unk_token_id
 
 
 def test_demo_llava_next_draws_base_and_high_res_grids(tmp_path, capsys):

@@ -20,7 +20,9 @@ def test_wheel_maps_kernels_and_reference_inside_the_package(tmp_path):
                    timeout=300)
     top_level = {p.name for p in target.iterdir()} - {"bin"}
     assert {n for n in top_level if not n.endswith(".dist-info")} == {"zspaprune_ops"}
+    assert (target / "zspaprune_ops" / "assets" / "shapes_llava" / "model.safetensors").is_file()
     probe = ("import zspaprune_ops, zspaprune_ops.kernels, zspaprune_ops.reference, torch\n"
+             "import zspaprune_ops.world.scenes, zspaprune_ops.eval.methods\n"
              "assert zspaprune_ops.__file__.startswith(%r)\n"
              "v = torch.randn(1, 9, 4); print(zspaprune_ops.reference.select(v, v[:, :2], 3).tolist())"
              % str(target))

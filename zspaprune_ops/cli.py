@@ -1,4 +1,4 @@
-"""The ``zspaprune`` command line: ``zspaprune select`` and ``zspaprune demo``.
+"""The ``zspaprune`` command line: ``zspaprune select``, ``zspaprune demo`` and ``zspaprune eval``.
 
 A mistake in the arguments ends in the subcommand's usage, one ``error:`` line naming the
 option, and exit status 2; never a traceback.
@@ -14,6 +14,9 @@ from zspaprune_ops.dispatch import BACKENDS
 
 DEMO_PROMPT = "What is in front of the red house?"
 DEMO_OUT = "zspaprune_demo.png"
+EVAL_METHODS = ("zspaprune", "random", "uniform")
+EVAL_OUT = "zspaprune_eval.json"
+EVAL_PLOT = "zspaprune_eval.png"
 
 
 class UsageError(Exception):
@@ -54,6 +57,17 @@ def ratio(text: str) -> float:
         value = math.nan
     if not 0.0 <= value <= 1.0:  # False for NaN too
         raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A budget: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value <= 1.0:  # False for NaN too
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
     return value
 
 
@@ -115,6 +129,12 @@ def _demo_command(args: argparse.Namespace):
     return demo.main(args)
 
 
+def _eval_command(args: argparse.Namespace):
+    from zspaprune_ops.eval import run
+
+    return run.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zspaprune", description="ZSPAPrune visual-token pruning for vision-language models.")
@@ -152,17 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="prune a LLaVA model at a few budgets: timings, memory, text, overlay PNG",
         description="Prune a LLaVA model's visual tokens at a few budgets; print tokens kept, "
                     "prefill time, the language model's prefill memory and the generated text "
-                    "against the unpruned model, and draw the kept patches. Runs offline on a "
-                    "tiny random-weight default unless --model is given.")
+                    "against the unpruned model, and draw the kept patches. Runs offline on "
+                    "the shipped shapes-world model and a scene of its world unless --model "
+                    "is given.")
     demo.add_argument("--model", type=existing_path,
-                      help="local LLaVA-1.5 / LLaVA-NeXT checkpoint folder (default: the tiny "
-                           "random-weight model, built and cached)")
+                      help="local LLaVA-1.5 / LLaVA-NeXT checkpoint folder (default: the "
+                           "shipped shapes-world model)")
     demo.add_argument("--image", type=existing_path,
-                      help="image file (default: the bundled sample)")
-    demo.add_argument("--prompt", default=DEMO_PROMPT, help="question (default: %(default)r)")
+                      help="image file (default: a shapes-world scene for the default model, "
+                           "the bundled sample picture with --model)")
+    demo.add_argument("--prompt",
+                      help="question (default: the default scene's question for the default "
+                           f"model, {DEMO_PROMPT!r} with --model)")
     demo.add_argument("--keep", type=positive_int, nargs="+",
-                      help="visual tokens to keep per image, one budget each (default: 1/3, "
-                           "2/9 and 1/9 of the image tokens: 192 128 64 for 576)")
+                      help="visual tokens to keep per image, one budget each (default: 1/2, "
+                           "1/4, 1/9 and 1/20 of the image tokens: 128 64 28 13 for 256, "
+                           "288 144 64 29 for 576)")
     demo.add_argument("--ratio", type=ratio, default=0.5,
                       help="relevance ratio in [0, 1] (default: %(default)s)")
     demo.add_argument("--out", default=DEMO_OUT,
@@ -177,6 +202,49 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dtype", choices=sorted(FEATURE_DTYPES),
                       help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     demo.set_defaults(run=_demo_command, command_parser=demo)
+
+    ev = commands.add_parser(
+        "eval", help="answer accuracy against kept tokens, per selection method",
+        description="Ask the same questions unpruned and at each budget with each selection "
+                    "method (ZSPAPrune at several ratios, random, uniform spatial subsample); "
+                    "print accuracy and agreement with the unpruned answer, write JSON rows and "
+                    "a plot. Runs offline on the shipped shapes-world model and fresh questions "
+                    "of its world unless --model / --data are given.")
+    ev.add_argument("--model", type=existing_path,
+                    help="local LLaVA-1.5 / LLaVA-NeXT checkpoint folder (default: the shipped "
+                         "shapes-world model)")
+    ev.add_argument("--data", type=existing_path,
+                    help="JSONL file, one {\"image\", \"question\", \"answers\"} object per "
+                         "line, image paths relative to the file (default: shapes-world "
+                         "questions of --split)")
+    ev.add_argument("--split", default="test",
+                    help="shapes-world split: train, val, test or an integer seed "
+                         "(default: %(default)s)")
+    ev.add_argument("--questions", type=positive_int,
+                    help="questions to ask: the first N of --data (default: all) or N of the "
+                         "shapes world (default: 200)")
+    ev.add_argument("--methods", nargs="+", choices=EVAL_METHODS, default=list(EVAL_METHODS),
+                    help="selection methods (default: %(default)s)")
+    ev.add_argument("--ratios", type=ratio, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                    help="ZSPAPrune relevance ratios, one method each; 0 is DivPrune, 1 "
+                         "relevance only (default: %(default)s)")
+    ev.add_argument("--budgets", type=fraction, nargs="+",
+                    default=[0.5, 0.25, round(1 / 9, 4), 0.05],
+                    help="kept share of each image's visual tokens, one budget each; 0.1111 "
+                         "is LLaVA's 64 of 576 (default: %(default)s)")
+    ev.add_argument("--max-new-tokens", type=positive_int, default=8,
+                    help="generated tokens per answer (default: %(default)s)")
+    ev.add_argument("--seed", type=_int, default=0,
+                    help="seed of the random method (default: %(default)s)")
+    ev.add_argument("--out", default=EVAL_OUT,
+                    help="JSON rows to write (default: %(default)s)")
+    ev.add_argument("--plot", default=EVAL_PLOT,
+                    help="accuracy plot to write, .png (default: %(default)s)")
+    ev.add_argument("--device", type=device,
+                    help="torch device (default: cuda if available, else cpu)")
+    ev.add_argument("--dtype", choices=sorted(FEATURE_DTYPES),
+                    help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    ev.set_defaults(run=_eval_command, command_parser=ev)
     return parser
 
 

@@ -1,10 +1,11 @@
 """``zspaprune demo``: prune a LLaVA model's visual tokens at a few budgets and show the effect.
 
-With no arguments it runs offline on an embedded default: a tiny random-weight LLaVA with
-LLaVA-1.5's image geometry (336x336 pixels, 14-pixel patches: 576 visual tokens), built
-deterministically by ``zspaprune_ops.tiny_llava`` and cached under ``$ZSPAPRUNE_CACHE`` (default
-``~/.cache/zspaprune``), and the sample image shipped in ``zspaprune_ops/assets``. ``--model``
-takes a local LLaVA-1.5 or LLaVA-NeXT checkpoint folder instead.
+With no arguments it runs offline on the embedded default: the small LLaVA trained on the shapes
+world (``zspaprune_ops.world``; 256 visual tokens per 224 px image, weights shipped in
+``zspaprune_ops/assets/shapes_llava``), asked a question of that world about a test-split scene,
+so each budget's answer can be read against the unpruned answer and the ground truth.
+``--model`` takes a local LLaVA-1.5 or LLaVA-NeXT checkpoint folder instead (default image: the
+bundled sample picture).
 
 It prints the prompt, then for each budget the tokens kept, the prefill time (median after a
 warm-up of every variant; the unpruned model runs vision tower + LLM prefill, the pruned one
@@ -14,9 +15,6 @@ image of the kept patches. Budgets at or above the image's token count select no
 named once, not given rows of their own.
 """
 import argparse
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -25,69 +23,57 @@ import torch
 
 from zspaprune_ops._validate import FEATURE_DTYPES
 from zspaprune_ops.cli import UsageError, describe
+from zspaprune_ops.eval.data import normalize
 from zspaprune_ops.measure import interleaved_medians, peak_bytes, resident_bytes
 from zspaprune_ops.rule import core_size
 
 SAMPLE_IMAGE = Path(__file__).resolve().parent / "assets" / "sample.png"
-DEFAULT_FRACTIONS = (1 / 3, 2 / 9, 1 / 9)  # of 576 image tokens: keep 192, 128, 64
-TINY_NAME = "tiny-llava-336-v2"  # change the suffix whenever TINY_DEFAULT_SIZES change
-TINY_DEFAULT_SIZES = dict(image_size=336, patch_size=14, vision_hidden=64, vision_layers=2,
-                          vision_heads=2, text_hidden=512, text_layers=4, text_heads=8,
-                          text_kv_heads=4, intermediate=1376)
-"""The embedded default: LLaVA-1.5's 24x24 patch grid on a small random-weight model (12M
-parameters, 50 MB cached). Its language model is just large enough that a shorter prefill
-outweighs the selection on a CPU, as it does (by far) on a 7B model."""
-
-
-def cache_root() -> Path:
-    if os.environ.get("ZSPAPRUNE_CACHE"):
-        return Path(os.environ["ZSPAPRUNE_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "zspaprune"
-
-
-def tiny_default_dir(rebuild: bool = False) -> Path:
-    """The cached tiny default model folder, built on first use (or when ``rebuild``)."""
-    folder = cache_root() / TINY_NAME
-    if (folder / "complete").exists() and not rebuild:
-        return folder
-    from zspaprune_ops.tiny_llava import build_tiny_llava
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=TINY_NAME + ".", dir=folder.parent))
-    build_tiny_llava(staging, kind="llava", seed=0, **TINY_DEFAULT_SIZES)
-    (staging / "complete").write_text(TINY_NAME + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    try:
-        os.replace(staging, folder)  # atomic: a half-written build never looks complete
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (folder / "complete").exists():  # not a concurrent demo's finished build
-            raise
-    return folder
+DEFAULT_FRACTIONS = (1 / 2, 1 / 4, 1 / 9, 1 / 20)  # of 256 image tokens: keep 128, 64, 28, 13
+WORLD_SCENE = ("test", 15)
+"""The default question: this (split, index) sample of the shapes world, the first colour question
+of the test split that the shipped model answers right unpruned."""
 
 
 def load(model_path: Optional[str], device: torch.device, dtype: torch.dtype):
-    """(model, processor, is_tiny_default); the default is rebuilt once if it fails to load."""
+    """(model, processor): ``model_path``'s, or the shipped shapes-world model for None."""
     from transformers import AutoProcessor
     from transformers.utils import logging
 
     from zspaprune_ops.llava import ZSPAPruneLlava
+    from zspaprune_ops.world.model import SHIPPED_MODEL
 
     logging.disable_progress_bar()  # the demo prints a table; loading bars would garble it
-    if model_path is not None:
-        wrapped = ZSPAPruneLlava.from_pretrained(model_path, dtype=dtype)
-        return wrapped.model.to(device).eval(), AutoProcessor.from_pretrained(model_path), False
-    for rebuild in (False, True):
-        folder = tiny_default_dir(rebuild)
-        try:
-            wrapped = ZSPAPruneLlava.from_pretrained(str(folder), dtype=dtype)
-            processor = AutoProcessor.from_pretrained(str(folder))
-            return wrapped.model.to(device).eval(), processor, True
-        except Exception:  # a corrupt or stale cache: rebuild it once, then let errors surface
-            if rebuild:
-                raise
-    raise AssertionError("unreachable")
+    path = str(SHIPPED_MODEL if model_path is None else model_path)
+    wrapped = ZSPAPruneLlava.from_pretrained(path, dtype=dtype)
+    return wrapped.model.to(device).eval(), AutoProcessor.from_pretrained(path)
+
+
+def load_model(model_path: Optional[str], device: torch.device, dtype: torch.dtype):
+    """``load`` for the command line: a ``--model`` folder that fails to load is a UsageError."""
+    try:
+        return load(model_path, device, dtype)
+    except Exception as error:  # noqa: BLE001 (a user's folder: any failure is a usage error)
+        if model_path is None:
+            raise
+        raise UsageError(f"--model {model_path}: not a loadable LLaVA-1.5 / LLaVA-NeXT "
+                         f"checkpoint ({describe(error)})") from None
+
+
+def default_inputs(args: argparse.Namespace):
+    """(image, prompt, ground truth or None) of the run: the shapes world's scene and question
+    for the default model (each replaced by ``--image`` / ``--prompt`` when given); the bundled
+    sample picture and ``DEMO_PROMPT`` for ``--model``."""
+    from PIL import Image
+
+    from zspaprune_ops.cli import DEMO_PROMPT
+    from zspaprune_ops.world import scenes
+
+    if args.model is None:
+        scene = scenes.sample(*WORLD_SCENE)
+        image = scene.image if args.image is None else Image.open(args.image)
+        truth = scene.answer if args.image is None and args.prompt is None else None
+        return image, args.prompt or scene.question, truth
+    return Image.open(args.image or SAMPLE_IMAGE), args.prompt or DEMO_PROMPT, None
 
 
 def prompt_text(processor, prompt: str) -> str:
@@ -129,6 +115,8 @@ class DemoResult:
     unselected: List[int]
     png: Optional[Path]
     grids_note: str
+    truth: Optional[str] = None
+    """The ground-truth answer (the shapes world's question), None where unknown."""
 
 
 def split_budgets(keeps: Optional[Sequence[int]], image_tokens: int) -> Tuple[list, list]:
@@ -237,6 +225,9 @@ def report(result: DemoResult, relevance_ratio: float, device: torch.device, rep
              f"after {WARMUP_ROUNDS} untimed round(s) of every variant",
              "(pruned rows include the selection: vision tower + selection + LLM prefill; "
              "unpruned: vision tower + LLM prefill)"]
+    if result.truth is not None:
+        lines.append(f"ground truth: {result.truth!r} (each answer below is marked right or "
+                     "wrong against it)")
     if result.unselected:
         budgets = ", ".join(map(str, result.unselected))
         lines.append(f"keep {budgets} >= {result.image_tokens} tokens: no selection (the image "
@@ -252,8 +243,10 @@ def report(result: DemoResult, relevance_ratio: float, device: torch.device, rep
                  f"{row.prefill_seconds * 1e3:.2f}",
                  _ratio(base.prefill_seconds, row.prefill_seconds),
                  _mib(row.lm_prefill_bytes), _ratio(row.lm_prefill_bytes, base.lm_prefill_bytes)]
+        verdict = "" if result.truth is None else (
+            " right" if normalize(row.text) == normalize(result.truth) else " wrong")
         lines.append(" ".join(f"{cell:>{w}}" for cell, w in zip(cells, widths))
-                     + f"  {row.text!r}")
+                     + f"  {row.text!r}{verdict}")
     profiler = "" if device.type == "cuda" else "; on CPU from the torch profiler's timeline"
     lines += ["", "vs unpruned: prefill speed-up (unpruned time / this time) and LM memory ratio "
                   "(this / unpruned).",
@@ -280,7 +273,7 @@ def _ratio(numerator, denominator) -> str:
 def main(args: argparse.Namespace) -> DemoResult:
     """Run the demo for parsed ``args`` (see ``zspaprune demo --help``); prints the report,
     writes the overlay, returns the result. Raises UsageError for unusable arguments."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     from zspaprune_ops.overlay import Budget, draw_overlay, token_grids
 
@@ -288,25 +281,20 @@ def main(args: argparse.Namespace) -> DemoResult:
     dtype = FEATURE_DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     png = _output_path(args.out)
     try:
-        image = Image.open(args.image or SAMPLE_IMAGE).convert("RGB")
+        image, prompt, truth = default_inputs(args)
+        image = image.convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
         raise UsageError(f"--image {args.image}: not an image Pillow can read ({error})") from None
     torch.manual_seed(0)
-    try:
-        model, processor, is_tiny = load(args.model, device, dtype)
-    except Exception as error:  # noqa: BLE001 (a user's folder: any failure is a usage error)
-        if args.model is None:
-            raise
-        raise UsageError(f"--model {args.model}: not a loadable LLaVA-1.5 / LLaVA-NeXT "
-                         f"checkpoint ({describe(error)})") from None
-    if is_tiny:
-        note = (f"model: the built-in TINY RANDOM-WEIGHT LLaVA ({cache_root() / TINY_NAME}); it "
-                "is not trained, so its text is noise and its timings only show the mechanics. "
+    model, processor = load_model(args.model, device, dtype)
+    if args.model is None:
+        note = ("model: the shapes-world LLaVA shipped with zspaprune (a small LLaVA trained on "
+                "synthetic scenes of coloured shapes; see README, `zspaprune eval`). "
                 "Pass --model PATH for a real LLaVA-1.5 / LLaVA-NeXT checkpoint.")
     else:
         note = f"model: {args.model} ({type(model).__name__}, {dtype}, {device})"
     image_tokens, prompt_tokens, rows, unselected = run(
-        model, processor, image, args.prompt, args.keep, args.ratio, args.max_new_tokens,
+        model, processor, image, prompt, args.keep, args.ratio, args.max_new_tokens,
         args.repeat, device)
     grids, grids_note = token_grids(model.config, processor.image_processor, image.size,
                                     image_tokens)
@@ -315,8 +303,9 @@ def main(args: argparse.Namespace) -> DemoResult:
                for row in rows[1:]]
     if budgets:
         draw_overlay(image, grids, budgets).save(png)
-    result = DemoResult(note, args.prompt, prompt_text(processor, args.prompt), prompt_tokens,
-                        image_tokens, rows, unselected, png if budgets else None, grids_note)
+    result = DemoResult(note, prompt, prompt_text(processor, prompt), prompt_tokens,
+                        image_tokens, rows, unselected, png if budgets else None, grids_note,
+                        truth)
     print(report(result, args.ratio, device, args.repeat))
     return result
 

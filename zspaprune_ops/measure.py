@@ -1,10 +1,37 @@
-"""Wall-clock medians and peak tensor memory of callables (shared by the demo and benchmarks)."""
+"""Wall-clock medians and peak tensor memory of callables, and the environment fields of results
+rows (shared by the demo, the eval and the benchmarks)."""
 import contextlib
 import os
 import time
 from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({device.type})" if device.type != "cpu" else "cpu"
+
+
+def environment(device: torch.device) -> dict:
+    """Fields every results row carries: device name, versions, commit and date."""
+    import datetime
+    import subprocess
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                cwd=os.path.dirname(os.path.abspath(__file__)),
+                                capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+            "commit": commit, "date": datetime.date.today().isoformat()}
 
 
 def synchronize(device: torch.device) -> None:
