@@ -243,3 +243,25 @@ def test_bundled_sample_image_is_the_drawing_script_output():
     assert bundled.mode == "RGB" and demo.SAMPLE_IMAGE.stat().st_size < 50_000
     drawn = module.draw_sample()
     assert bundled.size == drawn.size and bundled.tobytes() == drawn.tobytes()
+
+
+def test_qwen_tokens_tile_the_resized_image():
+    """Qwen's merged tokens in raster order over the whole (resized, not cropped) image."""
+    from zspaprune_ops.tiny_qwen import build_config
+    config = build_config("qwen2_5_vl")
+    merge = config.vision_config.spatial_merge_size
+    grid_thw = torch.tensor([1, 6 * merge, 4 * merge])
+    (grid,), note = token_grids(config, None, (400, 600), 24, grid_thw)
+    assert (grid.rows, grid.cols, grid.box) == (6, 4, (0, 0, 400, 600))
+    assert [grid.cell(t) for t in (0, 3, 4, 23)] == [(0, 0), (0, 3), (1, 0), (5, 3)]
+    assert f"{merge}x{merge} patches" in note
+    assert token_grids(config, None, (400, 600), 25, grid_thw)[0] == []  # tokens do not match
+
+
+def test_demo_runs_a_qwen_checkpoint(tmp_path):
+    """``--model`` takes every supported family (Qwen's processor needs torchvision)."""
+    pytest.importorskip("torchvision", reason="transformers' Qwen processors need torchvision")
+    from zspaprune_ops.tiny_qwen import build_tiny_qwen
+    folder = build_tiny_qwen(tmp_path / "qwen", "qwen2_5_vl")
+    result = run_demo("--model", str(folder), "--keep", "8", "--out", str(tmp_path / "kept.png"))
+    assert [row.keep for row in result.rows] == [None, 8] and len(result.rows[1].kept) == 8

@@ -176,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the shipped shapes-world model and a scene of its world unless --model "
                     "is given.")
     demo.add_argument("--model", type=existing_path,
-                      help="local LLaVA-1.5 / LLaVA-NeXT checkpoint folder (default: the "
-                           "shipped shapes-world model)")
+                      help="local LLaVA, LLaVA-NeXT, Qwen2.5-VL or Qwen3-VL checkpoint folder "
+                           "(default: the shipped shapes-world model)")
     demo.add_argument("--image", type=existing_path,
                       help="image file (default: a shapes-world scene for the default model, "
                            "the bundled sample picture with --model)")
@@ -211,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "a plot. Runs offline on the shipped shapes-world model and fresh questions "
                     "of its world unless --model / --data are given.")
     ev.add_argument("--model", type=existing_path,
-                    help="local LLaVA-1.5 / LLaVA-NeXT checkpoint folder (default: the shipped "
-                         "shapes-world model)")
+                    help="local LLaVA, LLaVA-NeXT, Qwen2.5-VL or Qwen3-VL checkpoint folder "
+                         "(default: the shipped shapes-world model)")
     ev.add_argument("--data", type=existing_path,
                     help="JSONL file, one {\"image\", \"question\", \"answers\"} object per "
                          "line, image paths relative to the file (default: shapes-world "

@@ -1,11 +1,11 @@
-"""``zspaprune demo``: prune a LLaVA model's visual tokens at a few budgets and show the effect.
+"""``zspaprune demo``: prune a VLM's visual tokens at a few budgets and show the effect.
 
 With no arguments it runs offline on the embedded default: the small LLaVA trained on the shapes
 world (``zspaprune_ops.world``; 256 visual tokens per 224 px image, weights shipped in
 ``zspaprune_ops/assets/shapes_llava``), asked a question of that world about a test-split scene,
 so each budget's answer can be read against the unpruned answer and the ground truth.
-``--model`` takes a local LLaVA-1.5 or LLaVA-NeXT checkpoint folder instead (default image: the
-bundled sample picture).
+``--model`` takes a local LLaVA, LLaVA-NeXT, Qwen2.5-VL or Qwen3-VL checkpoint folder instead
+(default image: the bundled sample picture).
 
 It prints the prompt, then for each budget the tokens kept, the prefill time (median after a
 warm-up of every variant; the unpruned model runs vision tower + LLM prefill, the pruned one
@@ -39,12 +39,12 @@ def load(model_path: Optional[str], device: torch.device, dtype: torch.dtype):
     from transformers import AutoProcessor
     from transformers.utils import logging
 
-    from zspaprune_ops.llava import ZSPAPruneLlava
+    from zspaprune_ops.models import ZSPAPruneModel
     from zspaprune_ops.world.model import SHIPPED_MODEL
 
     logging.disable_progress_bar()  # the demo prints a table; loading bars would garble it
     path = str(SHIPPED_MODEL if model_path is None else model_path)
-    wrapped = ZSPAPruneLlava.from_pretrained(path, dtype=dtype)
+    wrapped = ZSPAPruneModel.from_pretrained(path, dtype=dtype)
     return wrapped.model.to(device).eval(), AutoProcessor.from_pretrained(path)
 
 
@@ -55,8 +55,8 @@ def load_model(model_path: Optional[str], device: torch.device, dtype: torch.dty
     except Exception as error:  # noqa: BLE001 (a user's folder: any failure is a usage error)
         if model_path is None:
             raise
-        raise UsageError(f"--model {model_path}: not a loadable LLaVA-1.5 / LLaVA-NeXT "
-                         f"checkpoint ({describe(error)})") from None
+        raise UsageError(f"--model {model_path}: not a loadable LLaVA, LLaVA-NeXT, Qwen2.5-VL "
+                         f"or Qwen3-VL checkpoint ({describe(error)})") from None
 
 
 def default_inputs(args: argparse.Namespace):
@@ -131,7 +131,7 @@ def run(model, processor, image, prompt: str, keeps, relevance_ratio: float,
         max_new_tokens: int, repeat: int, device: torch.device):
     """Measure the unpruned model and each budget in ``keeps`` below the image's token count;
     returns (image_tokens, prompt_tokens, rows, unselected budgets), the unpruned row first."""
-    from zspaprune_ops.llava import ZSPAPruneLlava
+    from zspaprune_ops import prune
 
     inputs = processor(images=image, text=prompt_text(processor, prompt), return_tensors="pt")
     dtype = model.get_input_embeddings().weight.dtype
@@ -141,7 +141,7 @@ def run(model, processor, image, prompt: str, keeps, relevance_ratio: float,
     image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
     keeps, unselected = split_budgets(keeps, image_tokens)
     # keep = image_tokens keeps the image whole: the unpruned model's language-model input
-    wrappers = [ZSPAPruneLlava(model, keep=keep, relevance_ratio=relevance_ratio)
+    wrappers = [prune(model, keep=keep, relevance_ratio=relevance_ratio)
                 for keep in [image_tokens, *keeps]]
     prefills = [lambda: model(**inputs, logits_to_keep=1)]
     prefills += [lambda w=w: w(**inputs, logits_to_keep=1) for w in wrappers[1:]]
@@ -190,7 +190,8 @@ def lm_prefill_bytes(model, pruned, device: torch.device) -> Optional[int]:
 
 
 def _prune_arguments(inputs: dict) -> dict:
-    names = ("input_ids", "pixel_values", "attention_mask", "image_sizes")
+    names = ("input_ids", "pixel_values", "attention_mask", "image_sizes", "image_grid_thw",
+             "mm_token_type_ids")
     return {name: inputs[name] for name in names if name in inputs}
 
 
@@ -201,13 +202,13 @@ def relevance_core(model, inputs: dict, keep: int, relevance_ratio: float,
     ZSPAPrune's core is the first n_core of the relevance ranking whatever the fill does,
     so this is exactly the core inside ``kept`` (checked).
     """
-    from zspaprune_ops.llava import ZSPAPruneLlava
+    from zspaprune_ops import prune
 
     n_core = core_size(keep, relevance_ratio)
     if n_core == 0:
         return []
     with torch.inference_mode():
-        core = ZSPAPruneLlava(model, keep=n_core, relevance_ratio=1.0).prune_inputs(
+        core = prune(model, keep=n_core, relevance_ratio=1.0).prune_inputs(
             **_prune_arguments(inputs)).kept_indices[0].tolist()
     if not set(core) <= set(kept):
         raise RuntimeError(f"relevance core {core} is not inside the kept tokens {kept}")
@@ -290,14 +291,18 @@ def main(args: argparse.Namespace) -> DemoResult:
     if args.model is None:
         note = ("model: the shapes-world LLaVA shipped with zspaprune (a small LLaVA trained on "
                 "synthetic scenes of coloured shapes; see README, `zspaprune eval`). "
-                "Pass --model PATH for a real LLaVA-1.5 / LLaVA-NeXT checkpoint.")
+                "Pass --model PATH for a real LLaVA, LLaVA-NeXT, Qwen2.5-VL or Qwen3-VL "
+                "checkpoint.")
     else:
         note = f"model: {args.model} ({type(model).__name__}, {dtype}, {device})"
     image_tokens, prompt_tokens, rows, unselected = run(
         model, processor, image, prompt, args.keep, args.ratio, args.max_new_tokens,
         args.repeat, device)
+    grid_thw = None
+    if hasattr(model.config.vision_config, "spatial_merge_size"):  # Qwen: the resized grid
+        grid_thw = processor.image_processor(images=image, return_tensors="pt")["image_grid_thw"][0]
     grids, grids_note = token_grids(model.config, processor.image_processor, image.size,
-                                    image_tokens)
+                                    image_tokens, grid_thw)
     budgets = [Budget(f"keep {row.keep} (core {len(row.core)}, fill "
                       f"{len(row.kept) - len(row.core)})", row.kept, row.core)
                for row in rows[1:]]

@@ -1,8 +1,8 @@
 """Draw which visual tokens a budget kept, on the image the model saw (PIL only).
 
 A ``TokenGrid`` maps a span of an image's token sequence to a grid of boxes on the image;
-``token_grids`` builds them for a LLaVA-1.5 / LLaVA-NeXT config; ``draw_overlay`` renders one
-panel per (grid, budget): kept patches framed in the core or fill colour, dropped ones dimmed.
+``token_grids`` builds them for a LLaVA-1.5, LLaVA-NeXT or Qwen config; ``draw_overlay``
+renders one panel per (grid, budget): kept patches framed in the core or fill colour, dropped ones dimmed.
 """
 from dataclasses import dataclass
 from typing import Sequence
@@ -92,17 +92,28 @@ class Layout:
                 round((col + 1) * width / grid.cols), round((row + 1) * height / grid.rows))
 
 
-def token_grids(config, image_processor, image_size, image_tokens: int):
+def token_grids(config, image_processor, image_size, image_tokens: int, grid_thw=None):
     """(grids, note): where each image token sits on the original image.
 
     LLaVA-1.5: one grid over the processor's centre crop (the note says when it cropped the
     image). LLaVA-NeXT: the base grid (the whole
     image resized to one tile) and the high-resolution grid (the AnyRes tiles after unpadding,
-    each row followed by an image-newline token, which is not drawn).
+    each row followed by an image-newline token, which is not drawn). Qwen2.5-VL / Qwen3-VL
+    (``grid_thw``: the image's ``image_grid_thw`` row, patches of the resized image): one grid
+    over the whole image, a token per merge x merge patches, in raster order.
     """
     vision = config.vision_config
-    side = vision.image_size // vision.patch_size
     width, height = image_size
+    if grid_thw is not None:
+        merge = vision.spatial_merge_size
+        rows, cols = int(grid_thw[1]) // merge, int(grid_thw[2]) // merge
+        if rows * cols != image_tokens:
+            return [], "no grid is drawn (the image's patch grid did not match its tokens)"
+        return ([TokenGrid("", (0, 0, width, height), rows, cols)],
+                f"the image was resized to {int(grid_thw[2]) * vision.patch_size}x"
+                f"{int(grid_thw[1]) * vision.patch_size} px; each token covers {merge}x{merge} "
+                "patches")
+    side = vision.image_size // vision.patch_size
     cls_offset = 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0
     if not hasattr(config, "image_grid_pinpoints"):
         box = _crop_box(width, height, image_processor)

@@ -1,5 +1,6 @@
-"""The selection methods compared by ``zspaprune eval``, each a ``ZSPAPruneLlava`` that keeps
-``keep`` visual tokens per image and hands the language model the shortened sequence:
+"""The selection methods compared by ``zspaprune eval``, each a pruning wrapper of the model's
+family (``zspaprune_ops.prune``) that keeps ``keep`` visual tokens per image and hands the
+language model the shortened sequence:
 
 - ``zspaprune`` at a ``relevance_ratio`` (0: DivPrune, 1: prompt relevance only);
 - ``random``: ``keep`` candidates drawn uniformly without replacement;
@@ -7,7 +8,7 @@
   evenly spaced rows with evenly spaced tokens in each (``keep`` in all); otherwise every
   ``N / keep``-th candidate in raster order.
 
-The baselines replace only the choice of indices (``ZSPAPruneLlava._select``): the vision tower,
+The baselines replace only the choice of indices (the wrapper's ``_select``): the vision tower,
 the candidates (LLaVA-NeXT's newlines excluded) and the shortened sequence are the same for
 every method.
 """
@@ -17,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from zspaprune_ops.llava import ZSPAPruneLlava
+import zspaprune_ops
 
 BASELINES = ("random", "uniform")
 
@@ -36,28 +37,28 @@ class Method:
         extra = {0.0: " (DivPrune)", 1.0: " (relevance only)"}.get(self.ratio, "")
         return f"ratio {self.ratio:g}{extra}"
 
-    def wrap(self, model, keep: int, generator: torch.Generator) -> ZSPAPruneLlava:
+    def wrap(self, model, keep: int, generator: torch.Generator):
         if self.name == "zspaprune":
-            return ZSPAPruneLlava(model, keep=keep, relevance_ratio=self.ratio)
-        return BaselinePrune(model, keep, self.name, generator)
+            return zspaprune_ops.prune(model, keep=keep, relevance_ratio=self.ratio)
+        return baseline_prune(model, keep, self.name, generator)
 
 
-class BaselinePrune(ZSPAPruneLlava):
-    """``ZSPAPruneLlava`` with the op replaced by ``random_pick`` or ``uniform_pick``."""
+def baseline_prune(model, keep: int, method: str, generator: torch.Generator):
+    """The family's pruning wrapper of ``model`` with the op replaced by ``random_pick``
+    (drawing from ``generator``) or ``uniform_pick``."""
+    if method not in BASELINES:
+        raise ValueError(f"method must be one of {BASELINES}, got {method!r}")
+    wrapper = zspaprune_ops.prune(model, keep=keep)
 
-    def __init__(self, model, keep: int, method: str, generator: torch.Generator):
-        super().__init__(model, keep=keep)
-        if method not in BASELINES:
-            raise ValueError(f"method must be one of {BASELINES}, got {method!r}")
-        self.method = method
-        self.generator = generator
-
-    def _select(self, visual, prompt, prompt_mask, visual_mask) -> torch.Tensor:
+    def select(visual, prompt, prompt_mask, visual_mask) -> torch.Tensor:
         if visual_mask is None:
             visual_mask = torch.ones(visual.shape[:2], dtype=torch.bool, device=visual.device)
-        rows = [random_pick(mask, self.keep, self.generator) if self.method == "random"
-                else uniform_pick(mask, self.keep) for mask in visual_mask]
+        rows = [random_pick(mask, keep, generator) if method == "random"
+                else uniform_pick(mask, keep) for mask in visual_mask]
         return torch.stack(rows).to(visual.device)
+
+    wrapper._select = select  # the one step every family delegates the choice of indices to
+    return wrapper
 
 
 def random_pick(candidates: torch.Tensor, keep: int, generator: torch.Generator) -> torch.Tensor:
