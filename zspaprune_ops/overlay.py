@@ -2,7 +2,8 @@
 
 A ``TokenGrid`` maps a span of an image's token sequence to a grid of boxes on the image;
 ``token_grids`` builds them for a LLaVA-1.5, LLaVA-NeXT or Qwen config; ``draw_overlay``
-renders one panel per (grid, budget): kept patches framed in the core or fill colour, dropped ones dimmed.
+renders one panel per (grid, budget): kept patches framed in the core or fill colour, dropped
+ones dimmed.
 """
 from dataclasses import dataclass
 from typing import Sequence
