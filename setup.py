@@ -15,8 +15,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["zspaprune_ops", "zspaprune_ops.models", "zspaprune_ops.kernels",
-              "zspaprune_ops.reference", "zspaprune_ops.vllm", "zspaprune_ops.world",
-              "zspaprune_ops.eval"],
+              "zspaprune_ops.reference", "zspaprune_ops.vllm", "zspaprune_ops.demo",
+              "zspaprune_ops.world", "zspaprune_ops.eval"],
     package_dir={
         "zspaprune_ops": "zspaprune_ops",
         "zspaprune_ops.kernels": "kernels",

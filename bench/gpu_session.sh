@@ -8,6 +8,7 @@
 #   bash bench/gpu_session.sh bench       # kernel benchmark (all impls), per-kernel profile
 #   bash bench/gpu_session.sh e2e         # end-to-end prefill, LLaVA-1.5-7B and Qwen2.5-VL-7B shapes
 #
+# Pass the commit measured (the copy sent there has no .git): ZSPAPRUNE_COMMIT=<sha> bash ...
 # Logs and result files go to $OUT (the device tool's folder that comes back); results land in
 # $OUT/<device>.json, to be merged into bench/results/ and rendered by bench/results.py.
 set -uo pipefail

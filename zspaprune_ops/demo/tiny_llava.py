@@ -24,7 +24,7 @@ try:
     from transformers.models.llava_next.image_processing_pil_llava_next import (
         LlavaNextImageProcessorPil)
 except ImportError as error:  # pragma: no cover - depends on the environment
-    raise ImportError("zspaprune_ops.tiny_llava needs the Hugging Face extra: "
+    raise ImportError("zspaprune_ops.demo.tiny_llava needs the Hugging Face extra: "
                       "pip install zspaprune[hf]") from error
 
 KINDS = ("llava", "llava_next")

@@ -18,10 +18,10 @@ try:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil)
 except ImportError as error:  # pragma: no cover - depends on the environment
-    raise ImportError("zspaprune_ops.tiny_qwen needs the Hugging Face extra: "
+    raise ImportError("zspaprune_ops.demo.tiny_qwen needs the Hugging Face extra: "
                       "pip install zspaprune[hf]") from error
 
-from zspaprune_ops.tiny_llava import instantiate, train_bpe
+from zspaprune_ops.demo.tiny_llava import instantiate, train_bpe
 
 KINDS = ("qwen2_5_vl", "qwen3_vl")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",

@@ -24,10 +24,10 @@ def environment(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                cwd=os.path.dirname(os.path.abspath(__file__)),
-                                capture_output=True, text=True, check=True).stdout.strip()
+    try:  # ZSPAPRUNE_COMMIT where the tree has no .git (a copy sent to a GPU machine)
+        commit = os.environ.get("ZSPAPRUNE_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+            capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,

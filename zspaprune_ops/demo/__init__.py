@@ -24,10 +24,10 @@ import torch
 from zspaprune_ops._validate import FEATURE_DTYPES
 from zspaprune_ops.cli import UsageError, describe
 from zspaprune_ops.eval.data import normalize
-from zspaprune_ops.measure import interleaved_medians, peak_bytes, resident_bytes
+from zspaprune_ops.demo.measure import interleaved_medians, peak_bytes, resident_bytes
 from zspaprune_ops.rule import core_size
 
-SAMPLE_IMAGE = Path(__file__).resolve().parent / "assets" / "sample.png"
+SAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "assets" / "sample.png"
 DEFAULT_FRACTIONS = (1 / 2, 1 / 4, 1 / 9, 1 / 20)  # of 256 image tokens: keep 128, 64, 28, 13
 WORLD_SCENE = ("test", 15)
 """The default question: this (split, index) sample of the shapes world, the first colour question
@@ -276,7 +276,7 @@ def main(args: argparse.Namespace) -> DemoResult:
     writes the overlay, returns the result. Raises UsageError for unusable arguments."""
     from PIL import UnidentifiedImageError
 
-    from zspaprune_ops.overlay import Budget, draw_overlay, token_grids
+    from zspaprune_ops.demo.overlay import Budget, draw_overlay, token_grids
 
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = FEATURE_DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
