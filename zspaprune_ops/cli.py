@@ -175,9 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "against the unpruned model, and draw the kept patches. Runs offline on "
                     "the shipped shapes-world model and a scene of its world unless --model "
                     "is given.")
-    demo.add_argument("--model", type=existing_path,
-                      help="local LLaVA, LLaVA-NeXT, Qwen2.5-VL or Qwen3-VL checkpoint folder "
-                           "(default: the shipped shapes-world model)")
+    _model_options(demo)
     demo.add_argument("--image", type=existing_path,
                       help="image file (default: a shapes-world scene for the default model, "
                            "the bundled sample picture with --model)")
@@ -197,10 +195,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="generated tokens (default: %(default)s)")
     demo.add_argument("--repeat", type=positive_int, default=5,
                       help="timed prefill runs per budget, after a warm-up (default: %(default)s)")
-    demo.add_argument("--device", type=device,
-                      help="torch device (default: cuda if available, else cpu)")
-    demo.add_argument("--dtype", choices=sorted(FEATURE_DTYPES),
-                      help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     demo.set_defaults(run=_demo_command, command_parser=demo)
 
     ev = commands.add_parser(
@@ -210,9 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "print accuracy and agreement with the unpruned answer, write JSON rows and "
                     "a plot. Runs offline on the shipped shapes-world model and fresh questions "
                     "of its world unless --model / --data are given.")
-    ev.add_argument("--model", type=existing_path,
-                    help="local LLaVA, LLaVA-NeXT, Qwen2.5-VL or Qwen3-VL checkpoint folder "
-                         "(default: the shipped shapes-world model)")
+    _model_options(ev)
     ev.add_argument("--data", type=existing_path,
                     help="JSONL file, one {\"image\", \"question\", \"answers\"} object per "
                          "line, image paths relative to the file (default: shapes-world "
@@ -240,12 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="JSON rows to write (default: %(default)s)")
     ev.add_argument("--plot", default=EVAL_PLOT,
                     help="accuracy plot to write, .png (default: %(default)s)")
-    ev.add_argument("--device", type=device,
-                    help="torch device (default: cuda if available, else cpu)")
-    ev.add_argument("--dtype", choices=sorted(FEATURE_DTYPES),
-                    help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     ev.set_defaults(run=_eval_command, command_parser=ev)
     return parser
+
+
+def _model_options(command) -> None:
+    """--model, --device and --dtype: how the demo and eval load a model."""
+    command.add_argument("--model", type=existing_path,
+                         help="local LLaVA, LLaVA-NeXT, Qwen2.5-VL or Qwen3-VL checkpoint folder "
+                              "(default: the shipped shapes-world model)")
+    command.add_argument("--device", type=device,
+                         help="torch device (default: cuda if available, else cpu)")
+    command.add_argument("--dtype", choices=sorted(FEATURE_DTYPES),
+                         help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
 
 
 def main(argv=None) -> None:
