@@ -50,9 +50,9 @@ def configurations():
                                 "visual_ptr": f"*{short}", "counts_ptr": "*i32",
                                 "sync_ptr": "*i64"}),
                             {"NEED_NEAREST": nearest, "BLOCK_N": k.STREAM_BLOCK_N,
-                             "BLOCK_D": k.STREAM_BLOCK_D, "CORE": k.STREAM_CORE,
-                             "CORE_K": k.core_k(getattr(torch, dtype)),
-                             "INTERPRETED": False},
+                             "CAND": k.STREAM_CANDIDATES,
+                             "BLOCK_K": k.candidate_k(getattr(torch, dtype)),
+                             "CHUNK": k.LIST_CHUNK, "INTERPRETED": False},
                             k.STREAM_WARPS))
     configs.append(_prepare(k, "bf16", False, True, True))  # no visual mask
     for block, warps in k.REGISTER_BLOCKS:

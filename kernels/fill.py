@@ -1,9 +1,9 @@
-"""Launch 2 of the fused selection: core top-k and farthest-point fill, one step per keep.
+"""Launch 2 of the fused selection: core top-k and farthest-point fill.
 
 Keys (float32, larger = taken first): relevance for the core, the running minimum cosine
 distance for the fill, the rule's sentinels DEMOTED / PADDING for unscorable / padded tokens and
 -inf once chosen. Ties go to the lower index everywhere (``tl.argmax`` keeps the first maximum;
-block and grid reductions keep the lowest index among equal maxima). The chosen tokens end with
+packed (key, index) values order equal keys by the lower index). The chosen tokens end with
 fill key -inf, and a prefix sum writes their indices in ascending order: no sort is launched.
 Key arithmetic uses round-to-nearest division and square root (``div_rn`` / ``sqrt_rn``) and
 the launches turn FMA contraction off, so picks do not depend on compiler defaults.
@@ -18,8 +18,13 @@ _DEMOTED = tl.constexpr(DEMOTED)
 _PADDING = tl.constexpr(PADDING)
 _EPS = tl.constexpr(NORM_EPS)
 _WAIT_NS = tl.constexpr(100_000_000)
-"""Longest wait at a grid-wide argmax (100 ms) before the image is marked failed."""
+"""Longest wait at a grid-wide barrier (100 ms) before the image is marked failed."""
 _LOW = tl.constexpr(0xFFFFFFFF)
+_NONE = tl.constexpr(-(1 << 63))
+"""A packed key below every real one: an empty list slot."""
+_FAILED = tl.constexpr(1 << 40)
+"""Bit of an image's sync word set when a program gave up waiting (arrivals stay below it)."""
+_ARRIVALS = tl.constexpr((1 << 40) - 1)
 
 
 @triton.jit
@@ -81,15 +86,6 @@ def _update(rel, fill, offs, pick, distance):
     rel = tl.where(taken, float("-inf"), rel)
     fill = tl.where(taken, float("-inf"), tl.where(distance < fill, distance, fill))  # fmin
     return rel, fill
-
-
-@triton.jit
-def _pick_inverse_norm(part_ptr, b, pick, N, n_splits):
-    """The inverse norm of token ``pick``, summed from launch 1's partials like _token_keys."""
-    squares = tl.zeros([], tl.float32)
-    for j in range(0, n_splits):
-        squares += tl.load(part_ptr + ((b * 2) * n_splits + j) * N + pick)
-    return _inverse_norm(squares)[1]
 
 
 @triton.jit
@@ -156,15 +152,6 @@ def _select_gram_kernel(gram_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, fill_p
 
 
 @triton.jit
-def _running_argmax(key, offs, best, best_index):
-    """Fold one block into a running (max, first index of max): earlier blocks win ties."""
-    block_best = tl.max(key, axis=0)
-    block_index = tl.min(tl.where(key == block_best, offs, 2147483647), axis=0)
-    better = block_best > best
-    return tl.where(better, block_best, best), tl.where(better, block_index, best_index)
-
-
-@triton.jit
 def _pack(key, index):
     """(key, index) -> int64 whose signed order is the key's float order, then the lower index
     (keys are never NaN; -0.0 is made +0.0 so that it ties with +0.0 as floats do)."""
@@ -174,112 +161,169 @@ def _pack(key, index):
 
 
 @triton.jit
-def _grid_argmax(sync_ptr, best, index, P, phase, ok, N, INTERPRETED: tl.constexpr):
-    """The (max, lowest index) of image b over its P programs, through one packed 64-bit
-    ``atomic_max`` into this phase's slot (reset by launch 0) and an arrival counter.
+def _unpack(packed):
+    """``_pack``'s inverse: (key float32, index int32)."""
+    ordered = (packed >> 32).to(tl.int32)
+    bits = tl.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True), ((packed & _LOW) ^ _LOW).to(tl.int32)
 
-    sync_ptr: the image's int64 sync words (0: arrivals, 1: failure flag, 2 + phase: slots).
-    Returns (pick, ok). A wait longer than 100 ms, or a failure flagged by another program,
-    makes ``ok`` False for good; the pick is then 0, so it never addresses memory out of range.
-    With P = 1 nothing waits. Triton's interpreter, which runs programs one after another, has
-    no GPU timer: there each poll counts as 0.1 ms, so a forced P > 1 fails after 1000 polls."""
-    slot = sync_ptr + 2 + phase
-    tl.atomic_max(slot, _pack(best, index), sem="relaxed", scope="gpu")
-    tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")  # after the max: release orders it
+
+@triton.jit
+def _top_merge(top, packed, INTERPRETED: tl.constexpr):
+    """The ``top.shape[0]`` largest of the list ``top`` and the values ``packed`` (at least as
+    many, a power of two), in any order (packed values are distinct but for ``_NONE``)."""
+    k: tl.constexpr = top.shape[0]
+    if INTERPRETED:  # the interpreter runs topk's bitonic network element by element: rank
+        merged = tl.maximum(_ranked(top, top, packed), _ranked(packed, top, packed))
+    else:
+        merged = tl.topk(tl.reshape(tl.join(top, tl.topk(packed, k)), [2 * k]), k)
+    return merged
+
+
+@triton.jit
+def _ranked(x, a, b):
+    """The values ``x`` (of ``a`` or ``b``) at their rank among ``a`` and ``b`` in ``a.shape[0]``
+    slots (``_NONE`` where no value ranks there)."""
+    rank = (tl.sum((a[None, :] > x[:, None]).to(tl.int32), axis=1)
+            + tl.sum((b[None, :] > x[:, None]).to(tl.int32), axis=1))
+    slots = tl.arange(0, a.shape[0])
+    return tl.max(tl.where(rank[:, None] == slots[None, :], x[:, None], _NONE), axis=0)
+
+
+@triton.jit
+def _grid_wait(sync_ptr, P, phase, ok, INTERPRETED: tl.constexpr):
+    """Arrive at barrier ``phase`` of the image's P programs and wait for all of them.
+
+    sync_ptr: the image's sync word: arrivals in the low bits, ``_FAILED`` once any program gave
+    up. The arrival releases this program's earlier stores (call ``tl.debug_barrier()`` first),
+    the polls acquire the others'. Returns ``ok``, False for good after a wait longer than
+    100 ms or a failure flagged by another program (this program then flags it too). With
+    P = 1 nothing waits. Triton's interpreter, which runs programs one after another, has no
+    GPU timer: there each poll counts as 0.1 ms, so a forced P > 1 fails after 1000 polls."""
     target = P * (phase + 1)
-    arrived = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+    word = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu") + 1
     waited = tl.zeros([], tl.int64)
     last = tl.zeros([], tl.int64)
-    while (arrived < target) & ok:
-        arrived = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+    while ((word & _ARRIVALS) < target) & ((word & _FAILED) == 0) & (waited < _WAIT_NS) & ok:
+        word = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
         if INTERPRETED:
             waited += _WAIT_NS // 1000
         else:
             now = globaltimer()
             waited += tl.where(last == 0, 0, now - last)
             last = now
-        flagged = tl.atomic_add(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
-        ok = (flagged == 0) & (waited < _WAIT_NS)
-    if arrived < target:  # this program gave up: tell the others, they stop waiting too
-        tl.atomic_xchg(sync_ptr + 1, 1, sem="relaxed", scope="gpu")
-    packed = tl.atomic_add(slot, 0, sem="acquire", scope="gpu")
-    pick = ((packed & _LOW) ^ _LOW).to(tl.int32)
-    ok = ok & (arrived >= target) & (pick >= 0) & (pick < N)
-    return tl.where(ok, pick, 0), ok
+    ok = ok & ((word & _ARRIVALS) >= target) & ((word & _FAILED) == 0)
+    if ok == 0:  # tell the others: they stop waiting too
+        tl.atomic_or(sync_ptr, _FAILED, sem="relaxed", scope="gpu")
+    return ok
 
 
 @triton.jit
-def _slice_argmax(key_ptr, b, lo, hi, N, BLOCK_N: tl.constexpr):
-    """(max, lowest index of max) of the keys [B, N] of tokens [lo, hi)."""
-    best = tl.full([], float("-inf"), tl.float32)
-    index = tl.full([], 0, tl.int32)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        key = tl.load(key_ptr + b * N + offs, mask=offs < hi, other=float("-inf"))
-        best, index = _running_argmax(key, offs, best, index)
-    return best, index
+def _candidates(lists_ptr, P, CAND: tl.constexpr, CHUNK: tl.constexpr,
+                INTERPRETED: tl.constexpr):
+    """The image's candidates and their bound, from its P programs' lists [P, 2 * CAND] (each
+    the packed fill or relevance keys of its slice's 2 * CAND best tokens): the CAND largest
+    packed keys of the image [CAND] (any order) and the largest packed key of any other token.
+    Every program merges all lists itself (CHUNK lists per load): no second barrier."""
+    top = tl.full([2 * CAND], _NONE, tl.int64)
+    words = tl.arange(0, CHUNK * 2 * CAND)
+    for w0 in range(0, P * 2 * CAND, CHUNK * 2 * CAND):
+        w = w0 + words
+        top = _top_merge(top, tl.load(lists_ptr + w, mask=w < P * 2 * CAND, other=_NONE,
+                                      volatile=True), INTERPRETED)
+    cand = _top_merge(tl.full([CAND], _NONE, tl.int64), top, INTERPRETED)
+    # a token outside every list is below the 2 * CAND of its own list, of which at most CAND
+    # are candidates: the largest non-candidate listed bounds it
+    bound = tl.max(tl.where(top < tl.min(cand, axis=0), top, _NONE), axis=0)
+    return cand, bound
 
 
 @triton.jit
-def _fill_step(visual_ptr, part_ptr, inv_ptr, rel_ptr, fill_ptr, b, lo, hi, N, D, n_splits,
-               pick, s_vb, s_vn, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One fill step over tokens [lo, hi): their cosine distances to ``pick`` from the features,
-    keys updated in rel/fill; returns the (max, index) of the new fill keys there."""
-    pick_ptr = visual_ptr + b * s_vb + pick.to(tl.int64) * s_vn
-    inv_pick = _pick_inverse_norm(part_ptr, b, pick, N, n_splits)
-    best = tl.full([], float("-inf"), tl.float32)
-    next_pick = tl.full([], 0, tl.int32)
+def _distances(visual_ptr, inv_ptr, b, rows, inside, N, D, cand, valid, s_vb, s_vn,
+               INTERPRETED: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Cosine distances [R, CAND] of tokens ``rows`` [R] (where ``inside``) to tokens ``cand``
+    [CAND] (where ``valid``): raw dot products with float32 accumulation (16-bit features on
+    tensor cores, float32 as exact products on CUDA cores), then ``1 - G * inv_cand * inv_row``.
+    A pair gets the same bits whatever R is and wherever it sits in the tile."""
+    rows_ptr = visual_ptr + b * s_vb + rows.to(tl.int64)[:, None] * s_vn
+    cand_ptr = visual_ptr + b * s_vb + cand.to(tl.int64)[:, None] * s_vn
+    gram = tl.zeros([rows.shape[0], cand.shape[0]], tl.float32)
+    for d0 in range(0, D, BLOCK_K):
+        ds = d0 + tl.arange(0, BLOCK_K)
+        in_d = ds < D
+        v = tl.load(rows_ptr + ds[None, :], mask=inside[:, None] & in_d[None, :], other=0.0)
+        u = tl.load(cand_ptr + ds[None, :], mask=valid[:, None] & in_d[None, :], other=0.0)
+        if INTERPRETED or v.dtype == tl.float32:  # CUDA cores (float32 has no exact tensor-core
+            # product), and the interpreter, whose numpy matmul rounds a row differently at
+            # another position in the tile (duplicate tokens would not tie)
+            gram += tl.sum(v.to(tl.float32)[:, None, :] * u.to(tl.float32)[None, :, :], axis=2)
+        else:  # tensor cores: every element of the tile is summed in the same order
+            gram = tl.dot(v, tl.trans(u), gram)
+    inv_cand = tl.load(inv_ptr + b * N + cand, mask=valid, other=0.0)
+    inv = tl.load(inv_ptr + b * N + rows, mask=inside, other=0.0)
+    return 1.0 - gram * inv_cand[None, :] * inv[:, None]
+
+
+@triton.jit
+def _confirm(packed, bound, distance, limit, lower):
+    """The next picks among the candidates, made one at a time exactly as the rule makes them:
+    the largest (key, lower index) is a pick while it beats ``bound``, which every other token's
+    key (only lowered since) stays under; then the candidates' keys are lowered by its
+    distances, as the fill does (``lower``; the relevance core's keys do not move).
+
+    packed [C]: the candidates' packed keys (``_NONE``: no candidate), bound: the largest other
+    packed key, distance [C, C]: [i, j] candidate i's distance to candidate j as the slices
+    compute it for token i and pick j, limit: most picks, lower: whether picks lower keys.
+    Returns the picks' mask [C] and their count (>= 1 unless no candidate is valid)."""
+    slots = tl.arange(0, packed.shape[0])
+    key, index = _unpack(packed)
+    valid = packed != _NONE
+    chosen = slots < 0
+    floor = _pack(tl.full([], float("-inf"), tl.float32), tl.zeros([], tl.int32))
+    best = tl.max(packed, axis=0)
+    count = tl.zeros([], tl.int32)
+    go = (best > bound) & (best > floor) & (limit > 0)  # floor: a chosen token is no pick
+    while go:
+        this = packed == best
+        chosen |= this
+        count += 1
+        column = tl.sum(tl.where(slots[None, :] == tl.sum(tl.where(this, slots, 0), axis=0),
+                                 distance, 0.0), axis=1)
+        column = tl.where(column == column, column, float("inf"))  # NaN: ignored, as fmin does
+        column = tl.where(column < -1.0, -1.0, column)  # only -inf from overflow: keep off -inf
+        key = tl.where(lower & (column < key), column, key)
+        packed = tl.where(valid & ~chosen, _pack(key, index), _NONE)
+        best = tl.max(packed, axis=0)
+        go = (best > bound) & (best > floor) & (count < limit)
+    return chosen, count
+
+
+@triton.jit
+def _lower_slice(visual_ptr, inv_ptr, rel_ptr, fill_ptr, b, lo, hi, N, D, cand, chosen,
+                 next_core, need_distances, s_vb, s_vn, INTERPRETED: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One pass over the features of tokens [lo, hi): the ``chosen`` candidates marked chosen
+    (-inf in both keys) and the fill keys lowered by their distances (skipped after the last
+    pick: only the marks are read then). Returns the slice's list for the next pass: the packed
+    keys [2 * CAND] of its best tokens by relevance (``next_core``) or fill key."""
+    top = tl.full([2 * cand.shape[0]], _NONE, tl.int64)
     for n0 in range(lo, hi, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
         inside = offs < hi
-        rows_ptr = visual_ptr + b * s_vb + offs.to(tl.int64)[:, None] * s_vn
-        dots = tl.zeros([BLOCK_N], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            in_d = ds < D
-            # the chosen row is scaled first, so a finite-norm token's dot cannot overflow
-            u = tl.load(pick_ptr + ds, mask=in_d, other=0.0).to(tl.float32) * inv_pick
-            v = tl.load(rows_ptr + ds[None, :], mask=inside[:, None] & in_d[None, :],
-                        other=0.0).to(tl.float32)
-            dots += tl.sum(v * u[None, :], axis=1)
-        inv = tl.load(inv_ptr + b * N + offs, mask=inside, other=0.0)
+        if need_distances:
+            distance = tl.trans(_distances(visual_ptr, inv_ptr, b, offs, inside, N, D, cand,
+                                           chosen, s_vb, s_vn, INTERPRETED, BLOCK_K))
+        else:
+            distance = tl.full([cand.shape[0], BLOCK_N], float("inf"), tl.float32)
+        fill = tl.load(fill_ptr + b * N + offs, mask=inside, other=float("-inf"))
+        fill = _lower_by_rows(fill, offs, cand, chosen, distance)
         rel = tl.load(rel_ptr + b * N + offs, mask=inside, other=float("-inf"))
-        fill = tl.load(fill_ptr + b * N + offs, mask=inside, other=float("-inf"))
-        rel, fill = _update(rel, fill, offs, pick, 1.0 - dots * inv)
-        tl.store(rel_ptr + b * N + offs, rel, mask=inside)
+        rel = tl.where(fill == float("-inf"), float("-inf"), rel)  # -inf fill key: chosen
         tl.store(fill_ptr + b * N + offs, fill, mask=inside)
-        best, next_pick = _running_argmax(fill, offs, best, next_pick)
-    return best, next_pick
-
-
-@triton.jit
-def _lower_by_core(visual_ptr, inv_ptr, fill_ptr, b, lo, hi, N, D, core, valid, s_vb, s_vn,
-                   INTERPRETED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Fill keys of tokens [lo, hi) lowered by their distances to the ``core`` picks (where
-    ``valid``), which are marked chosen: raw dot products on tensor cores (float32 accumulation,
-    exact ``ieee`` products for float32), distances ``1 - G * inv_pick * inv`` as in Gram mode."""
-    core_ptr = visual_ptr + b * s_vb + core.to(tl.int64)[:, None] * s_vn
-    inv_core = tl.load(inv_ptr + b * N + core, mask=valid, other=0.0)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        inside = offs < hi
-        rows_ptr = visual_ptr + b * s_vb + offs.to(tl.int64)[:, None] * s_vn
-        gram = tl.zeros([BLOCK_N, core.shape[0]], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            in_d = ds < D
-            v = tl.load(rows_ptr + ds[None, :], mask=inside[:, None] & in_d[None, :], other=0.0)
-            u = tl.load(core_ptr + ds[None, :], mask=valid[:, None] & in_d[None, :], other=0.0)
-            if INTERPRETED:  # numpy's matmul rounds a row differently at another position in
-                # the tile, so duplicate tokens would not tie: sum each product row alike
-                gram += tl.sum(v.to(tl.float32)[:, None, :] * u.to(tl.float32)[None, :, :], axis=2)
-            else:  # tensor cores: every row of the tile is summed in the same order
-                gram = tl.dot(v, tl.trans(u), gram, input_precision="ieee")
-        inv = tl.load(inv_ptr + b * N + offs, mask=inside, other=0.0)
-        fill = tl.load(fill_ptr + b * N + offs, mask=inside, other=float("-inf"))
-        distance = tl.trans(1.0 - gram * inv_core[None, :] * inv[:, None])
-        tl.store(fill_ptr + b * N + offs, _lower_by_rows(fill, offs, core, valid, distance),
-                 mask=inside)
+        tl.store(rel_ptr + b * N + offs, rel, mask=inside)
+        key = tl.where(next_core, rel, fill)
+        top = _top_merge(top, tl.where(inside, _pack(key, offs), _NONE), INTERPRETED)
+    return top
 
 
 @triton.jit
@@ -287,15 +331,23 @@ def _select_stream_kernel(visual_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, re
                           fill_ptr, nearest_ptr, sync_ptr, out_ptr, N, D, keep, n_core,
                           n_splits, n_groups, n_sync, P, slice_len, s_vb, s_vn,
                           NEED_NEAREST: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr, CORE: tl.constexpr, CORE_K: tl.constexpr,
+                          CAND: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
                           INTERPRETED: tl.constexpr):
-    """Launch 2 without a Gram scratch, grid (P, B): program ``part`` of image ``b`` owns the
-    tokens [part * slice_len, (part + 1) * slice_len); each fill step it computes the chosen
-    token's cosines to them from the features, updates their keys in rel/fill [B, N] and joins
-    the image's grid-wide argmax (``_grid_argmax``); relevance-core picks only join the argmax,
-    and their distances come CORE picks per pass over the features. P > 1 needs all B * P programs resident at
-    once: the host launches it as a cooperative grid. A failed image's row is all -1 and its
-    failure flag (sync word 1) is set; no index outside [0, N) is ever read or written."""
+    """Launch 2 without a Gram scratch, grid (P, B), several picks per pass over the features.
+
+    Program ``part`` of image ``b`` owns the tokens [part * slice_len, (part + 1) * slice_len)
+    and their keys in rel/fill [B, N]. A pass: every program publishes its slice's best packed
+    keys, meets the others at a grid-wide barrier, merges every list into the image's CAND
+    candidates and a bound on every other key (``_candidates``), confirms the next picks among
+    the candidates exactly as the one-at-a-time rule makes them (``_confirm``: relevance-core
+    picks need no distances; fill picks use the candidates' distances to each other), then
+    lowers its slice's fill keys by the picks' distances, CAND columns of one tensor-core
+    product per token block, listing its best keys for the next pass (``_lower_slice``).
+
+    sync_ptr [B, n_sync] int64: word 0 the barrier (``_grid_wait``), then two lists buffers
+    [2, P, 2 * CAND] used in turn. P > 1 needs all B * P programs resident at once: the host
+    launches a cooperative grid. A failed image's row is all -1 and its sync word has
+    ``_FAILED``; no index outside [0, N) is ever read or written."""
     part = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     lo = part * slice_len
@@ -303,8 +355,7 @@ def _select_stream_kernel(visual_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, re
     sync = sync_ptr + b * n_sync
     count, n_core = _image_core(counts_ptr, b, n_core)
     ok = tl.full([], 1, tl.int1)
-    best = tl.full([], float("-inf"), tl.float32)
-    pick = tl.full([], 0, tl.int32)
+    top = tl.full([2 * CAND], _NONE, tl.int64)
     for n0 in range(lo, hi, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
         inside = offs < hi
@@ -315,34 +366,40 @@ def _select_stream_kernel(visual_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, re
         tl.store(fill_ptr + b * N + offs, fill, mask=inside)
         key = _first_key(rel, fill, nearest_ptr, b, offs, inside, N, n_groups, n_core,
                          NEED_NEAREST)
-        best, pick = _running_argmax(key, offs, best, pick)
-    tl.debug_barrier()  # the steps read the keys stored above
-    pick, ok = _grid_argmax(sync, best, pick, P, 0, ok, N, INTERPRETED)
-    slots = tl.arange(0, CORE)
-    core = tl.zeros([CORE], tl.int32)
-    for step in range(0, keep):
-        if step < n_core:
-            # a core pick needs no distances: park it; CORE at a time lower the fill keys in one
-            # pass over the features (a [BLOCK_N, D] x [D, CORE] product per token block)
-            core = tl.where(slots == step % CORE, pick, core)
-            if (pick >= lo) & (pick < hi):
-                tl.store(rel_ptr + b * N + pick, float("-inf"))
-            if (step % CORE == CORE - 1) | (step == n_core - 1):
-                _lower_by_core(visual_ptr, inv_ptr, fill_ptr, b, lo, hi, N, D, core,
-                               slots <= step % CORE, s_vb, s_vn, INTERPRETED, BLOCK_N, CORE_K)
-            tl.debug_barrier()  # the argmax below reads the keys stored above
-            best, next_pick = _slice_argmax(rel_ptr if step + 1 < n_core else fill_ptr, b, lo,
-                                            hi, N, BLOCK_N)
+        top = _top_merge(top, tl.where(inside, _pack(key, offs), _NONE), INTERPRETED)
+    slots = tl.arange(0, 2 * CAND)
+    done = tl.zeros([], tl.int32)
+    phase = tl.zeros([], tl.int32)
+    while done < keep:
+        lists = sync + 1 + (phase % 2) * P * 2 * CAND  # in turn: a late reader never sees the
+        tl.store(lists + part * 2 * CAND + slots, top)  # list of the pass after its own
+        tl.debug_barrier()  # every key and list stored before the arrival releases them
+        ok = _grid_wait(sync, P, phase, ok, INTERPRETED)
+        phase += 1
+        packed, bound = _candidates(lists, P, CAND, CHUNK, INTERPRETED)
+        cand = _unpack(packed)[1]
+        valid = ok & (packed != _NONE) & (cand >= 0) & (cand < N)
+        cand = tl.where(valid, cand, 0)
+        in_core = done < n_core
+        # DivPrune's first pick has its own key: after it, the candidates' keys are unknown
+        limit = tl.where(in_core, tl.minimum(n_core - done, CAND),
+                         tl.where((done == 0) & (n_core == 0), 1, keep - done))
+        if in_core:
+            distance = tl.zeros([CAND, CAND], tl.float32)
         else:
-            best, next_pick = _fill_step(visual_ptr, part_ptr, inv_ptr, rel_ptr, fill_ptr, b, lo,
-                                         hi, N, D, n_splits, pick, s_vb, s_vn, BLOCK_N, BLOCK_D)
-        tl.debug_barrier()  # the next step reads the keys this one stored
-        pick, ok = _grid_argmax(sync, best, next_pick, P, step + 1, ok, N, INTERPRETED)
-    # a last phase: every program's keys are stored before program 0 reads them all
+            distance = _distances(visual_ptr, inv_ptr, b, cand, valid, N, D, cand, valid,
+                                  s_vb, s_vn, INTERPRETED, BLOCK_K)
+        chosen, picks = _confirm(tl.where(valid, packed, _NONE), bound, distance, limit,
+                                 ~in_core)
+        ok = ok & (picks > 0)  # no pick only when no candidate is valid: a broken wait
+        done = tl.where(ok, done + picks, keep)
+        top = _lower_slice(visual_ptr, inv_ptr, rel_ptr, fill_ptr, b, lo, hi, N, D, cand,
+                           chosen, done < n_core, done < keep, s_vb, s_vn, INTERPRETED,
+                           BLOCK_N, BLOCK_K)
+    # a last barrier: every program's keys are stored before program 0 reads them all
     tl.debug_barrier()
-    _, ok = _grid_argmax(sync, best, pick, P, keep + 1, ok, N, INTERPRETED)
+    ok = _grid_wait(sync, P, phase, ok, INTERPRETED)
     if part == 0:
-        ok = ok & (tl.atomic_add(sync + 1, 0, sem="acquire", scope="gpu") == 0)
         good = ok.to(tl.int32)  # masks use `x * 0 + good`: the interpreter broadcasts a
         # scalar int1 in `&` to int32 masks, which its store rejects
         written = tl.full([], 0, tl.int32)
@@ -359,5 +416,3 @@ def _select_stream_kernel(visual_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, re
             ks = k0 + tl.arange(0, BLOCK_N)
             tl.store(out_ptr + b * keep + ks, tl.full([BLOCK_N], -1, tl.int64),
                      mask=(ks < keep) & (ks * 0 + good == 0))
-        if ok == 0:
-            tl.atomic_xchg(sync + 1, 1, sem="relaxed", scope="gpu")  # the host's failure check

@@ -8,9 +8,9 @@ predicts a time on an H100 or H200 from the device's rates (``DEVICES``; the H20
 bandwidth and bf16 matrix rate are this workplace's measurements, the rest datasheet values or
 stated guesses) and a per-step latency. It models the kernels as they are, not an ideal: in
 Gram mode the relevance core costs one block argmax per pick and one L2 latency per CORE_ROWS
-picks, each fill step a Gram-row load (L2 latency) plus a block argmax; streaming, every step
-is a grid-wide argmax, every fill step and every STREAM_CORE core picks a pass over all N x D
-features. ``bench/`` compares every
+picks, each fill step a Gram-row load (L2 latency) plus a block argmax; streaming, every pass
+reads all N x D features and meets at a grid-wide barrier, and confirms STREAM_CANDIDATES core
+picks or ``fill_picks_per_pass(N)`` fill picks (simulated). ``bench/`` compares every
 measured row with it (measured / predicted). The latencies are guesses until a GPU session
 calibrates them (``bench/gpu_check.py profile`` gives per-launch times).
 """
@@ -18,11 +18,14 @@ import argparse
 import math
 from dataclasses import dataclass
 
+import torch
+
 from zspaprune_ops.rule import core_size
 
 from . import select as k
 
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+_TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class Device:
     l2_latency_s: float  # one dependent load that hits L2
     hbm_latency_s: float  # one dependent load from HBM
     argmax_s: float      # block argmax over the keys of one program (shuffles + shared memory)
-    barrier_s: float     # one grid-wide argmax: atomics through L2 and polling
+    barrier_s: float     # one grid-wide barrier: atomics through L2 and polling
     launch_s: float      # gap between two launches inside a CUDA graph
 
 
@@ -110,15 +113,40 @@ def predict(B, N, D, T, keep, ratio=0.5, dtype="bf16", masks=False, device="h200
         step_bytes = B * N * D * s
         source_Bps = dev.l2_Bps if step_bytes < 40e6 else dev.hbm_Bps  # does V stay in L2?
         pass_s = step_bytes / (source_Bps * min(1.0, B * parts / dev.sms))
-        passes = math.ceil(n_core / k.STREAM_CORE) + keep - n_core  # core: STREAM_CORE a pass
-        steps = keep + 2  # grid-wide argmaxes: the first, one per step, the last
-        seconds = passes * pass_s + steps * (dev.barrier_s + dev.l2_latency_s)
+        fill_picks = keep - n_core - (1 if divprune else 0)  # DivPrune's first: a pass alone
+        passes = (math.ceil(n_core / k.STREAM_CANDIDATES) + (1 if divprune else 0)
+                  + math.ceil(fill_picks / fill_picks_per_pass(N)))
+        # a pass beside its feature stream: the barrier, the lists' merge (one L2 round trip
+        # per LIST_CHUNK lists, then the list stores and keys), the candidates' [16, D] rows
+        # (Triton's 3 loads in flight per chunk) and one small reduction per confirmed pick
+        merge_s = (math.ceil(parts / k.LIST_CHUNK) + 2) * dev.l2_latency_s
+        candidates_s = math.ceil(D / k.candidate_k(_TORCH_DTYPE[dtype])) / 3 * dev.l2_latency_s
+        overhead_s = passes * (dev.barrier_s + merge_s + candidates_s) + keep * dev.argmax_s
+        seconds = passes * pass_s + overhead_s
         hbm = step_bytes * passes if source_Bps == dev.hbm_Bps else stats_bytes
         launches.append(Launch(f"2 core + fill (streaming, {parts} programs/image)", hbm,
-                               step_bytes * passes, 2 * B * N * D * keep, steps, seconds,
-                               "bandwidth: all N x D features per fill step"
-                               if pass_s > dev.barrier_s else "latency: grid-wide argmax per step"))
+                               step_bytes * passes, 2 * B * N * D * k.STREAM_CANDIDATES * passes,
+                               passes, seconds,
+                               "bandwidth: all N x D features per pass"
+                               if passes * pass_s > overhead_s
+                               else "latency: barrier, merge and candidates per pass"))
     return launches
+
+
+FILL_PICKS_PER_PASS = ((576, 3.1), (2880, 6.8), (8192, 10.5), (32768, 13.4))
+"""(N, fill picks per streaming pass) with 16 candidates: ``bench/multipick_sim.py``'s smaller
+value of random and clustered tokens (D = 256, keep = 5% of N)."""
+
+
+def fill_picks_per_pass(n: int) -> float:
+    """FILL_PICKS_PER_PASS interpolated in log N (clamped at its ends)."""
+    points = FILL_PICKS_PER_PASS
+    if n <= points[0][0]:
+        return points[0][1]
+    for (n0, r0), (n1, r1) in zip(points, points[1:]):
+        if n <= n1:
+            return r0 + (r1 - r0) * math.log(n / n0) / math.log(n1 / n0)
+    return points[-1][1]
 
 
 def _launch(name, dev, hbm, l2, flops, loads, latency, flop_rate):
@@ -160,7 +188,7 @@ def main(argv=None) -> int:
     dev = DEVICES[args.device]
     print(f"model for {dev.name}: HBM {dev.hbm_Bps / 1e12:.1f} TB/s, L2 {dev.l2_Bps / 1e12:.0f} "
           f"TB/s, {dev.tensor_flops / 1e12:.0f} TFLOP/s; per step: L2 load "
-          f"{dev.l2_latency_s * 1e6:.2f} us, argmax {dev.argmax_s * 1e6:.2f} us, grid argmax "
+          f"{dev.l2_latency_s * 1e6:.2f} us, argmax {dev.argmax_s * 1e6:.2f} us, grid barrier "
           f"{dev.barrier_s * 1e6:.2f} us; launch gap {dev.launch_s * 1e6:.1f} us")
     for name, (B, N, D, T, keep, masks) in shapes.items():
         launches = predict(B, N, D, T, keep, args.ratio, args.dtype, masks, args.device)

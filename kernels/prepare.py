@@ -2,7 +2,7 @@
 where needed, Gram tiles.
 
 Launch 0 (``_prompt_kernel``, grid (feature blocks, B)) sums the real prompt tokens once per
-image, so no later program walks T; it also counts them and resets launch 2's sync words.
+image, so no later program walks T; it also counts them and resets launch 2's barrier.
 Launch 1 (``_prepare_kernel``, grid (row tiles, feature splits + column groups, B)) is fully
 parallel: each row-statistics program sums a slice of D for 64 tokens (launch 2 adds the slices
 up); Gram tiles are raw dot products ``V V^T`` on tensor cores with float32 accumulation
@@ -15,8 +15,6 @@ from zspaprune_ops.rule import NORM_EPS, PADDING
 
 _PADDING = tl.constexpr(PADDING)
 _EPS = tl.constexpr(NORM_EPS)
-_SLOT_EMPTY = tl.constexpr(-(1 << 63))
-"""An empty argmax slot of launch 2: below every packed (key, index)."""
 
 
 @triton.jit
@@ -24,8 +22,8 @@ def _prompt_kernel(prompt_ptr, pmask_ptr, psum_ptr, counts_ptr, sync_ptr, T, D, 
                    s_pb, s_pt, s_pmb, s_pmt, HAS_PMASK: tl.constexpr, BD: tl.constexpr,
                    BT: tl.constexpr):
     """Launch 0, grid (ceil(D / BD), B): psum [B, D] float32, the sum of the real prompt tokens;
-    counts int32 [B], how many there are; sync int64 [B, n_sync] reset for launch 2 (word 0:
-    arrivals, 1: failure flag, 2..: one empty argmax slot per phase)."""
+    counts int32 [B], how many there are; sync int64 [B, n_sync]: word 0 (launch 2's barrier)
+    reset when n_sync > 0."""
     block = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     ds = block * BD + tl.arange(0, BD)
@@ -44,11 +42,8 @@ def _prompt_kernel(prompt_ptr, pmask_ptr, psum_ptr, counts_ptr, sync_ptr, T, D, 
     tl.store(psum_ptr + b * D + ds, total, mask=in_d)
     if block == 0:
         tl.store(counts_ptr + b, tl.sum(count, axis=0))
-    words = block * BD + tl.arange(0, BD)
-    for w0 in range(0, n_sync, tl.num_programs(0) * BD):
-        w = w0 + words
-        word = tl.where(w < 2, tl.zeros([BD], tl.int64), tl.full([BD], _SLOT_EMPTY, tl.int64))
-        tl.store(sync_ptr + b * n_sync + w, word, mask=w < n_sync)
+    if (block == 0) & (n_sync > 0):
+        tl.store(sync_ptr + b * n_sync, tl.zeros([], tl.int64))
 
 
 @triton.jit

@@ -7,7 +7,8 @@ Gram tiles (stored for moderate N) or each token's nearest-other cosine (DivPrun
 Launch 2 (``fill``) runs core top-k and the farthest-point fill per image: over Gram rows with
 all keys in registers (``_select_gram_kernel``) or, without the N x N scratch, computing the
 chosen token's cosines from the features (``_select_stream_kernel``, keys in an O(B·N) scratch,
-each image spread over the programs of a cooperative grid that meet in a grid-wide argmax).
+each image spread over the programs of a cooperative grid that meet at a grid-wide barrier
+once per pass, several picks per pass).
 No host-device sync (but the failure check below), no Python loop over keep: CUDA-graph
 capturable. See kernels/README.md.
 """
@@ -53,22 +54,29 @@ depend on each other: ROWS loads in flight instead of one dependent load per cor
 REGISTER_BLOCKS = ((256, 1), (1024, 2), (4096, 8))
 """(block, num_warps) buckets of the Gram-mode launch 2: the block holds all N keys. Few warps:
 each step's argmax is then mostly warp shuffles (latency-bound loop); 4096 needs 8 to not spill."""
-STREAM_BLOCK_N, STREAM_BLOCK_D, STREAM_WARPS = 32, 256, 4
-"""Streaming-mode launch 2 tile: tokens x features per on-the-fly dot product chunk."""
-STREAM_CORE = 16
-"""Relevance-core picks whose distances the streaming launch 2 computes in one pass over the
-features (one [32, D] x [D, 16] tensor-core product per token block): the core costs
-ceil(n_core / 16) passes instead of n_core."""
+STREAM_BLOCK_N, STREAM_WARPS = 32, 4
+"""Streaming-mode launch 2: tokens per block of a pass over the features."""
+STREAM_CANDIDATES = 16
+"""Candidates per pass of the streaming launch 2: their distances to every token come from one
+pass over the features (a [32, D] x [D, 16] tensor-core product per token block), and every
+pick the one-at-a-time rule makes among them is confirmed in that pass (core picks: 16 per
+pass; fill picks: ``bench/multipick_sim.py`` counts 3-10 per pass for N = 576-8192)."""
+LIST_CHUNK = 32
+"""Programs' candidate lists merged per load (32 x 32 packed keys)."""
 
 
-def core_k(dtype: torch.dtype) -> int:
-    """Feature chunk of the streaming core pass's product: float32 runs on CUDA cores (exact
-    ``ieee`` products), where a [32, 256] x [256, 16] chunk spills registers."""
-    return 32 if dtype == torch.float32 else 128
+def candidate_k(dtype: torch.dtype) -> int:
+    """Feature chunk of the streaming pass's product: float32 is multiplied on CUDA cores as a
+    [32, 16, K] broadcast product (K = 8 keeps it in registers)."""
+    return 8 if dtype == torch.float32 else 128
 
 
 MAX_PARTS = 256
 """Most programs per image in the cooperative streaming launch 2."""
+SYNC_WORDS = 1 + 2 * MAX_PARTS * 2 * STREAM_CANDIDATES
+"""int64 words per image of the streaming launch 2: its barrier, then two lists buffers."""
+FAILED = 1 << 40
+"""Bit of an image's barrier word that a timed-out cooperative launch sets."""
 COOPERATIVE = True
 """Spread each image of the streaming launch 2 over the programs of a cooperative grid on
 CUDA; False gives one program per image (what the interpreter runs)."""
@@ -116,7 +124,7 @@ def select_batched(visual, prompt, keep, relevance_ratio, prompt_mask=None, visu
     ``stream_parts``). Extra memory, float32: [B, N] x (3 + 2 * feature splits) and [B, D] for
     keys and partial sums, a [chunk, N, N] Gram scratch (<= GRAM_MAX_BYTES) in Gram mode,
     [B, ceil(N / 2048), N] nearest-neighbour maxima ([B, ceil(N / 64), N] in Gram mode) when a
-    row can start with DivPrune's pick, and int64 [B, keep + 4] sync words when streaming.
+    row can start with DivPrune's pick, and int64 [B, SYNC_WORDS] sync words when streaming.
 
     Raises RuntimeError if a cooperative row failed (a grid-wide wait timed out; its row is then
     all -1): checked with one sync, only on that path, unless value checks are off or a CUDA
@@ -148,7 +156,7 @@ def _select_chunk(visual, prompt, keep, relevance_ratio, prompt_mask, visual_mas
     n_tiles = triton.cdiv(N, TILE)
     tiles_per_group = 1 if gram else NEAREST_GROUP_COLS // TILE
     n_groups = triton.cdiv(n_tiles, tiles_per_group) if gram or nearest_needed else 0
-    n_sync = 0 if gram else keep + 4
+    n_sync = 0 if gram else SYNC_WORDS
 
     # one float32 allocation, carved up (each allocation costs host time)
     sizes = {"keys": 3 * B * N, "part": B * 2 * n_splits * N, "psum": B * D, "psq": B * n_splits,
@@ -186,7 +194,7 @@ def _select_chunk(visual, prompt, keep, relevance_ratio, prompt_mask, visual_mas
             N, D, keep, n_core, n_splits, n_groups, n_sync)
     parts = _launch_stream(args, B, N, visual, parts, nearest_needed)
     if parts > 1 and _should_check(visual):
-        failed = sync[:, 1]
+        failed = (sync[:, 0] & FAILED) != 0
         if bool(failed.any()):
             raise RuntimeError(
                 f"zspaprune: the cooperative selection kernel timed out for images "
@@ -204,8 +212,9 @@ def _launch_stream(args, B, N, visual, parts, nearest_needed) -> int:
         kernel = (functools.partial(_select_stream_kernel.warmup, grid=(p, B)) if warmup
                   else _select_stream_kernel[(p, B)])
         return kernel(*args, p, slice_len, *visual.stride()[:2], NEED_NEAREST=nearest_needed,
-                      BLOCK_N=STREAM_BLOCK_N, BLOCK_D=STREAM_BLOCK_D, CORE=STREAM_CORE,
-                      CORE_K=core_k(visual.dtype), INTERPRETED=_interpreted(),
+                      BLOCK_N=STREAM_BLOCK_N, CAND=STREAM_CANDIDATES,
+                      BLOCK_K=candidate_k(visual.dtype), CHUNK=LIST_CHUNK,
+                      INTERPRETED=_interpreted(),
                       num_warps=STREAM_WARPS, **options)
 
     if parts is None:

@@ -11,11 +11,14 @@ import sys
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import zspaprune_ops
 from literal import replay
 from zspaprune_ops import kernels
 from zspaprune_ops.dispatch import implementation
+from zspaprune_ops.kernels import fill
 from zspaprune_ops.kernels.select import select_batched as kernel_select
 from zspaprune_ops.reference.naive import select_batched as reference_select
 
@@ -396,3 +399,114 @@ def test_a_timed_out_cooperative_row_fails_safely():
     finally:
         zspaprune_ops.set_value_checks(checks)
     assert torch.equal(kept, torch.full((2, 5), -1))
+
+
+def multipick_tokens(kind, N, D, g):
+    """[1, N, D] tokens of one kind: random, clustered (8 tight clusters), duplicate-heavy (N
+    tokens drawn from 40 distinct ones) or tie-heavy (integer features in {-1, 0, 1}: many
+    exactly equal distances)."""
+    if kind == "random":
+        return torch.randn(1, N, D, generator=g)
+    if kind == "clustered":
+        centres = torch.randn(8, D, generator=g)
+        return (centres[torch.randint(0, 8, (N,), generator=g)]
+                + 0.2 * torch.randn(N, D, generator=g))[None]
+    if kind == "duplicates":
+        return torch.randn(40, D, generator=g)[torch.randint(0, 40, (N,), generator=g)][None]
+    return torch.randint(-1, 2, (1, N, D), generator=g).float()
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+@pytest.mark.parametrize("kind", ["random", "clustered", "duplicates", "ties"])
+def test_multi_pick_passes_equal_the_one_at_a_time_rule(kind, ratio, monkeypatch):
+    """The streaming launch 2 confirms several picks per pass over the features; Gram mode makes
+    one pick per step. Both give the same picks, exactly the float64 rule's (ties to the lower
+    index, no tolerance beyond float64 rounding), on random, clustered, duplicate-heavy and
+    tie-heavy tokens (keep within the 40 distinct tokens of the duplicate-heavy kind: beyond
+    them every key is a float32 rounding of 0). Random and clustered tokens also match the
+    float32 reference; with duplicates it can break a tie by BLAS rounding (its einsum rounds
+    equal rows differently at different positions), which the float64 rule does not."""
+    from zspaprune_ops.kernels import select as module
+    g = torch.Generator().manual_seed(len(kind) * 10 + int(ratio * 2))
+    N, keep = 150, 36
+    visual = multipick_tokens(kind, N, 16, g)
+    prompt = torch.randn(1, 3, 16, generator=g)
+    launches = []  # (sync words, programs per image): word 0 counts the barriers passed
+    launch = module._launch_stream
+
+    def recorded(args, *rest):
+        launches.append((args[8], launch(args, *rest)))
+        return launches[-1][1]
+
+    monkeypatch.setattr(module, "_launch_stream", recorded)
+    kept = kernel_select(visual.to(DEVICE), prompt.to(DEVICE), keep, ratio, gram=False).cpu()
+    one_at_a_time = kernel_select(visual.to(DEVICE), prompt.to(DEVICE), keep, ratio, gram=True)
+    assert torch.equal(kept, one_at_a_time.cpu())
+    replay(visual[0], prompt[0], keep, ratio, kept[0], tol=1e-12)
+    if kind in ("random", "clustered"):
+        assert torch.equal(kept, reference_select(visual, prompt, keep, ratio))
+    sync, parts = launches[0]  # one barrier per pass and a last one: several picks per pass
+    passes = int(sync[0, 0]) // parts - 1
+    assert math.ceil(keep / module.STREAM_CANDIDATES) <= passes < keep * 2 // 3
+
+
+@triton.jit
+def _top_merge_kernel(top_ptr, packed_ptr, out_ptr, K: tl.constexpr, M: tl.constexpr,
+                      INTERPRETED: tl.constexpr):
+    merged = fill._top_merge(tl.load(top_ptr + tl.arange(0, K)),
+                             tl.load(packed_ptr + tl.arange(0, M)), INTERPRETED)
+    tl.store(out_ptr + tl.arange(0, K), merged)
+
+
+@triton.jit
+def _candidates_kernel(lists_ptr, cand_ptr, bound_ptr, P, CAND: tl.constexpr,
+                       INTERPRETED: tl.constexpr):
+    cand, bound = fill._candidates(lists_ptr, P, CAND, 2, INTERPRETED)
+    tl.store(cand_ptr + tl.arange(0, CAND), cand)
+    tl.store(bound_ptr, bound)
+
+
+def run_top_merge(top, packed, interpreted):
+    out = torch.empty_like(top)
+    _top_merge_kernel[(1,)](top, packed, out, K=len(top), M=len(packed),
+                            INTERPRETED=interpreted)
+    return out
+
+
+NONE = -(2 ** 63)
+
+
+@pytest.mark.parametrize("interpreted", [False, True], ids=["topk", "ranks"])
+def test_top_merge_keeps_the_largest(interpreted):
+    """Both forms of the list merge (Triton's bitonic topk on the GPU, ranks in the
+    interpreter): the K largest of a list and new values, empty slots (``NONE``) last."""
+    if DEVICE == "cuda" and interpreted:
+        pytest.skip("the rank form is for Triton's interpreter")
+    g = torch.Generator().manual_seed(5)
+    values = torch.randperm(1 << 20, generator=g)[:96].long() * 7919 - (1 << 23)
+    top = values[:16].clone()
+    top[10:] = NONE  # a list not yet full
+    packed = values[16:80]
+    merged = run_top_merge(top.to(DEVICE), packed.to(DEVICE), interpreted).cpu()
+    union = torch.cat([top, packed])
+    assert torch.equal(merged.sort(descending=True).values, union.topk(16).values)
+    few = torch.full((32,), NONE, dtype=torch.long)
+    few[[3, 9]] = values[90:92]  # fewer values than slots: the rest stays NONE
+    merged = run_top_merge(torch.full((16,), NONE).to(DEVICE), few.to(DEVICE), interpreted).cpu()
+    assert torch.equal(merged.sort(descending=True).values, few.topk(16).values)
+
+
+@pytest.mark.parametrize("P", [1, 3, 7])
+def test_candidates_and_their_bound_from_every_program_list(P):
+    """The merge of the P programs' lists (several loads of CHUNK = 2 lists): the CAND largest
+    packed keys of all lists are the candidates; the bound is the largest of the rest."""
+    g = torch.Generator().manual_seed(P)
+    lists = (torch.randperm(1 << 20, generator=g)[:P * 32].long() - (1 << 19)).view(P, 32)
+    lists[0, 20:] = NONE  # a short slice: its list is not full
+    cand, bound = torch.empty(16, dtype=torch.long), torch.empty(1, dtype=torch.long)
+    cand, bound, lists = cand.to(DEVICE), bound.to(DEVICE), lists.to(DEVICE)
+    _candidates_kernel[(1,)](lists, cand, bound, P, CAND=16,
+                             INTERPRETED=kernels.select._interpreted())
+    ranked = lists.flatten().sort(descending=True).values.cpu()
+    assert torch.equal(cand.cpu().sort(descending=True).values, ranked[:16])
+    assert int(bound) == int(ranked[16])

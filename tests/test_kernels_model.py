@@ -1,5 +1,7 @@
 """The kernels' performance model (``python -m zspaprune_ops.kernels.model``): it runs without a
 GPU and its predictions follow the kernels' structure (launches, modes, dependent steps)."""
+import math
+
 import pytest
 
 from zspaprune_ops.kernels import model
@@ -11,9 +13,18 @@ def test_launches_follow_the_mode():
     # the core: 32 argmaxes and 8 loads of 4 rows; the fill: 32 steps + the first argmax
     assert "Gram" in gram[2].name and gram[2].steps == 32 + 8 + 33
     stream = model.predict(1, 32768, 4096, 64, 3276)
-    assert "streaming" in stream[2].name and stream[2].steps == 3278
+    # passes: the core's 1638 picks 16 at a time, the fill's 1638 at the simulated 13.4 a pass
+    assert "streaming" in stream[2].name and stream[2].steps == 103 + 123
     assert "DivPrune" not in stream[1].name
-    assert "DivPrune" in model.predict(1, 32768, 4096, 64, 3276, ratio=0.0)[1].name
+    divprune = model.predict(1, 32768, 4096, 64, 3276, ratio=0.0)
+    assert "DivPrune" in divprune[1].name
+    assert divprune[2].steps == 1 + math.ceil(3275 / 13.4)  # DivPrune's first pick: a pass
+
+
+def test_fill_picks_per_pass_follow_the_simulation():
+    assert model.fill_picks_per_pass(100) == model.fill_picks_per_pass(576) == 3.1
+    assert model.fill_picks_per_pass(32768) == model.fill_picks_per_pass(10**6) == 13.4
+    assert 6.8 < model.fill_picks_per_pass(4096) < 10.5
 
 
 def test_the_prompt_is_summed_once():
