@@ -6,6 +6,8 @@
     python bench/gpu_check.py launches   # a few small launches of every kernel path (for
                                          # compute-sanitizer memcheck / racecheck / synccheck)
     python bench/gpu_check.py profile    # per-kernel device time at the benchmark shapes
+    python bench/gpu_check.py modes      # Gram vs streaming launch 2 around N = 4096, and the
+                                         # streaming passes against the model's
 
 Every check prints one line per case ending in ``ok`` or ``FAIL: why``; the exit status is 1
 if any case failed. A row that differs from the reference passes only as a genuine float64
@@ -254,11 +256,52 @@ def profile(args):
               f"per kernel (us): {parts}", flush=True)
 
 
+def modes(args):
+    """Both launch-2 designs at the shapes where the choice between them is made (GRAM_MAX_N =
+    4096), timed as medians, and the streaming passes counted (one barrier per pass in the
+    image's sync word) beside the performance model's: what decides the Gram limit and the
+    multi-pick width (kernels issue, items 8 and 10)."""
+    import triton.testing
+
+    from zspaprune_ops.kernels import model
+    zspaprune_ops.set_value_checks(False)
+    launches = []
+    launch = kselect._launch_stream
+
+    def recorded(launch_args, *rest):
+        launches.append((launch_args[8], launch(launch_args, *rest)))
+        return launches[-1][1]
+
+    kselect._launch_stream = recorded
+    for B, N in ((1, 2880), (1, 4096), (8, 2880), (8, 4096)):
+        keep = N // 10
+        x = make_inputs(0, B, N, 4096, 64, torch.bfloat16, False)
+        call = (*x[:2], keep, 0.5, *x[2:])
+        times = {}
+        for gram in (True, False):
+            times[gram] = triton.testing.do_bench(
+                lambda: kselect.select_batched(*call, gram=gram), return_mode="median") * 1e3
+        launches.clear()
+        kselect.select_batched(*call, gram=False)
+        sync, parts = launches[-1]
+        passes = (sync[:, 0] & ((1 << 40) - 1)) // parts - 1
+        limit, kselect.GRAM_MAX_N = kselect.GRAM_MAX_N, 0  # the model's streaming prediction
+        predicted = model.predict(B, N, 4096, 64, keep, device=args.device)
+        kselect.GRAM_MAX_N = limit
+        print(f"modes B={B} N={N} keep={keep}: gram {times[True]:.1f} us, streaming "
+              f"{times[False]:.1f} us ({parts} programs/image, passes {passes.tolist()}, "
+              f"model {predicted[2].steps} passes, "
+              f"{model.total_seconds(predicted, args.device) * 1e6:.0f} us)", flush=True)
+    kselect._launch_stream = launch
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checks", nargs="+",
-                        choices=["sweep", "contend", "graphs", "launches", "profile"])
+                        choices=["sweep", "contend", "graphs", "launches", "profile", "modes"])
     parser.add_argument("--dtypes", default="bf16,fp16,fp32")
+    parser.add_argument("--device", default="h200", choices=["h100", "h200"],
+                        help="the performance model's device (modes)")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"triton {__import__('triton').__version__}, commit "

@@ -33,7 +33,7 @@ case "${1:-}" in
     done
     ;;
   bench)
-    timeout 120 python3 bench/gpu_check.py profile 2>&1 | tee "$OUT/profile.log" | tail -12
+    timeout 180 python3 bench/gpu_check.py profile modes 2>&1 | tee "$OUT/profile.log" | tail -12
     for shapes in 'llava*' 'next*' 'video-8k,video-16k' 'video-32k' 'video-32k-b8-masks'; do
       timeout 200 python3 bench/bench_select.py --shapes "$shapes" --out "$results" 2>&1 |
         tee -a "$OUT/bench.log" | tail -20
