@@ -7,7 +7,8 @@ Each measurement is a JSON row in a results file (a JSON list)::
      "torch": "2.11.0", "triton": "3.6.0", "commit": "abc1234", "date": "2026-11-25"}
 
 ``"bench": "accuracy"`` rows (``zspaprune eval``) carry ``method``, ``keep``, ``accuracy``,
-``ci95``, ``agreement`` instead of times (format: ``zspaprune_ops/eval/run.py``).
+``ci95``, ``agreement`` and ``right`` (each question's outcome, ``"0"``/``"1"``) instead of times
+(format: ``zspaprune_ops/eval/run.py``).
 
 Optional fields: ``"skipped"`` (why the impl did not run; ``median_us`` is then null),
 ``"floor_bytes"`` / ``"floor_us"`` / ``"bandwidth_Bps"`` / ``"bandwidth_source"`` (the HBM

@@ -70,10 +70,11 @@ def test_training_script_runs_a_few_steps_and_saves_a_loadable_model(tmp_path, c
     from zspaprune_ops.demo import load
     from zspaprune_ops.world import train
 
-    train.main(["--steps", "2", "--batch", "2", "--turns", "3", "--thin-steps", "1",
-                "--log-every", "1", "--out", str(tmp_path)])  # a thinned step, then a full one
+    train.main(["--vision-steps", "1", "--steps", "2", "--batch", "2", "--turns", "3",
+                "--log-every", "1", "--out", str(tmp_path)])  # a vision step, then two full ones
     out = capsys.readouterr().out
-    assert "step 2/2 loss" in out and f"saved to {tmp_path}" in out
+    assert "vision step 1/1 loss" in out and "step 2/2 loss" in out
+    assert f"saved to {tmp_path}" in out
     model, processor = load(str(tmp_path), torch.device("cpu"), torch.float32)
     assert model.config.image_seq_length == 256
     from safetensors.torch import load_file
@@ -104,21 +105,63 @@ def test_training_labels_are_every_answer_and_end_of_turn():
             f"{a}</s>" for a in answers]
 
 
-def test_thinned_training_keeps_objects_and_text():
-    """With no background kept, the thinned sequence is the text plus the object patches."""
+def test_grounding_loss_rewards_attention_on_the_named_object():
+    """All of head 0's attention on the named object's patches costs nothing; attention spread
+    over the image costs -log(the object's share of the patches); other heads do not count."""
+    import math
+
     from zspaprune_ops.world import train
     from zspaprune_ops.world.model import build_model
 
-    processor, model = build_processor(), build_model()
+    processor, image_token = build_processor(), build_model().config.image_token_id
+    eos = processor.tokenizer.eos_token_id
     batch = scenes.samples("train", 2)
-    inputs = train.batch_inputs(processor, batch, turns=2)
-    seen = []
-    hook = model.model.language_model.register_forward_hook(
-        lambda module, args, kwargs, output: seen.append(kwargs["attention_mask"].sum(1)),
-        with_kwargs=True)
-    loss = train.thinned_loss(model, inputs, batch, 0.0, torch.Generator())
-    hook.remove()
-    text = (inputs["input_ids"] != model.config.image_token_id) & (inputs["attention_mask"] == 1)
-    objects = [sum(label > 0 for label in scenes.patch_labels(s.things)[0]) for s in batch]
-    assert seen[0].tolist() == [int(t) + o for t, o in zip(text.sum(1), objects)]
-    assert torch.isfinite(loss)
+    inputs = train.batch_inputs(processor, batch, turns=4, seed="g")
+    ids, labels = inputs["input_ids"], inputs["labels"]
+    shape = (2, 2, ids.shape[1], ids.shape[1])  # [B, H, T, T]
+    on_object, spread = torch.zeros(shape), torch.zeros(shape)
+    expected = []
+    for b, sample in enumerate(batch):
+        visual = (ids[b] == image_token).nonzero().squeeze(1)
+        shapes = torch.tensor(scenes.patch_labels(sample.things)[0])
+        answers = ((labels[b] != -100) & (labels[b] != eos)).nonzero().squeeze(1)
+        for position, (question, answer) in zip(answers - 1, train.dialogue(sample, 4, f"g/{b}")):
+            assert processor.tokenizer.convert_ids_to_tokens(int(ids[b, position])) == ":"
+            named = question.rstrip("?").split()[-1]
+            things = [t for t in sample.things if named in (t.shape, t.colour)]
+            spread[b, 0, position, visual] = 1 / len(visual)
+            on_object[b, 1, position, visual] = 1 / len(visual)  # head 1: ignored
+            if things:
+                target = visual[shapes == 1 + scenes.SHAPES.index(things[0].shape)]
+                on_object[b, 0, position, target] = 1 / len(target)
+                expected.append(-math.log(len(target) / len(visual)))
+            else:
+                assert answer == "no"
+    assert train.grounding_loss(on_object, inputs, batch, 4, "g", image_token, eos) < 1e-5
+    assert train.grounding_loss(spread, inputs, batch, 4, "g", image_token, eos).item() == (
+        pytest.approx(sum(expected) / len(expected), rel=1e-4))
+
+
+def test_patch_heads_learn_shapes_from_object_means():
+    """The patch heads' loss: per-patch colour, per-object-patch shape, per-object shape from
+    the mean of its patches. Features that are one-hot labels can drive it near zero."""
+    from zspaprune_ops.world import train
+
+    batch = scenes.samples("train", 3)
+    labels = [scenes.patch_labels(s.things) for s in batch]
+    shapes = torch.tensor([shape for shape, _ in labels])
+    colours = torch.tensor([colour for _, colour in labels])
+    features = torch.cat([torch.nn.functional.one_hot(shapes, 5),
+                          torch.nn.functional.one_hot(colours, 6)], -1).float() * 50
+    heads = train.PatchHeads(11)
+    with torch.no_grad():
+        for head in (heads.shape, heads.colour, heads.object_shape):
+            head.weight.zero_()
+            head.bias.zero_()
+        heads.shape.weight[:, :5] = torch.eye(5)
+        heads.colour.weight[:, 5:] = torch.eye(6)
+        heads.object_shape.weight[:, 1:5] = torch.eye(4)
+    assert heads.loss(features.flatten(0, 1), batch) < 1e-3
+    with torch.no_grad():
+        heads.object_shape.weight[:, 1:5] = torch.eye(4)[[1, 2, 3, 0]]  # every object's shape wrong
+    assert heads.loss(features.flatten(0, 1), batch) > 10

@@ -30,8 +30,8 @@ from zspaprune_ops.rule import core_size
 SAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "assets" / "sample.png"
 DEFAULT_FRACTIONS = (1 / 2, 1 / 4, 1 / 9, 1 / 20)  # of 256 image tokens: keep 128, 64, 28, 13
 WORLD_SCENE = ("test", 15)
-"""The default question: this (split, index) sample of the shapes world, the first colour question
-of the test split that the shipped model answers right unpruned."""
+"""The default question: this (split, index) sample of the shapes world, a colour question of the
+test split (``What color is the circle?``) that the shipped model answers right unpruned."""
 
 
 def load(model_path: Optional[str], device: torch.device, dtype: torch.dtype):

@@ -26,8 +26,10 @@ class Tally:
     agree: int = 0
     asked: int = 0
     kept: List[int] = field(default_factory=list)
+    right: List[bool] = field(default_factory=list)  # per question, in order: for paired tests
 
     def add(self, answer: str, truths: Tuple[str, ...], unpruned: str, keep: int) -> None:
+        self.right.append(answer in truths)
         self.correct += answer in truths
         self.agree += answer == unpruned
         self.asked += 1
@@ -105,7 +107,7 @@ def _row(shape: dict, impl: str, method: Optional[Method], fraction: float, tall
             "method": method.label if method else "unpruned", "keep": _mean(tally.kept),
             "accuracy": tally.correct / max(1, tally.asked), "correct": tally.correct,
             "ci95": [low, high], "agreement": tally.agree / max(1, tally.asked),
-            "agree": tally.agree}
+            "agree": tally.agree, "right": "".join("01"[r] for r in tally.right)}
 
 
 def _mean(values: List[int]) -> float:

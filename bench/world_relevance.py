@@ -1,0 +1,62 @@
+"""Where prompt relevance points in the shapes world: ``python bench/world_relevance.py``.
+
+For test-split questions, the ``keep`` visual tokens of the shipped model with the highest
+relevance (cosine of each projected visual token to the mean input embedding of the prompt's
+text tokens, as the relevance core ranks them) are compared with the patches of the object the
+question names, and with the top ``keep`` for another question about the same image. Prints
+shares; ``bench/NOTES.md`` quotes them.
+"""
+import argparse
+
+import torch
+
+from zspaprune_ops.demo import load, prompt_text
+from zspaprune_ops.world import scenes, train
+
+
+def top_relevance(model, processor, image, question: str, keep: int) -> torch.Tensor:
+    """Indices [keep] of the visual tokens most similar to the prompt's mean embedding."""
+    inputs = processor(images=image, text=prompt_text(processor, question), return_tensors="pt")
+    with torch.no_grad():
+        visual = train.image_features(model, inputs["pixel_values"])  # [N, D]
+        ids = inputs["input_ids"][0]
+        prompt = model.get_input_embeddings()(ids)[ids != model.config.image_token_id].mean(0)
+        return torch.cosine_similarity(visual, prompt[None], dim=-1).topk(keep).indices
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--questions", type=int, default=300)
+    parser.add_argument("--keep", type=int, default=28)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model, processor = load(None, torch.device("cpu"), torch.float32)
+    on_objects = covered = on_named = named_cover = overlap = 0.0
+    named = missed = 0
+    for index in range(args.questions):
+        sample = scenes.sample("test", index)
+        top = top_relevance(model, processor, sample.image, sample.question, args.keep)
+        other = next(q for _, q, _ in scenes.all_questions(sample.things) if q != sample.question)
+        other_top = top_relevance(model, processor, sample.image, other, args.keep)
+        overlap += len(set(top.tolist()) & set(other_top.tolist())) / args.keep
+        shapes = torch.tensor(scenes.patch_labels(sample.things)[0])
+        on_objects += (shapes[top] > 0).float().mean().item()
+        covered += (shapes > 0).float().mean().item()
+        word = sample.question.rstrip("?").split()[-1]
+        things = [t for t in sample.things if word in (t.shape, t.colour)]
+        if things:
+            target = shapes == 1 + scenes.SHAPES.index(things[0].shape)
+            named += 1
+            missed += int(target[top].sum() == 0)
+            on_named += target[top].float().mean().item()
+            named_cover += target.float().mean().item()
+    n = args.questions
+    print(f"top {args.keep} by prompt relevance over {n} test questions: on objects "
+          f"{on_objects / n:.1%} (objects cover {covered / n:.1%} of the patches); on the named "
+          f"object {on_named / named:.1%} (it covers {named_cover / named:.1%}) over the {named} "
+          f"questions naming a present object, none on it in {missed}; shared with the top "
+          f"{args.keep} for another question about the same image: {overlap / n:.1%}")
+
+
+if __name__ == "__main__":
+    main()
