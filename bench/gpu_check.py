@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import zspaprune_ops  # noqa: E402
 from literal import replay  # noqa: E402
+from zspaprune_ops.kernels import fill as kfill  # noqa: E402
 from zspaprune_ops.kernels import select as kselect  # noqa: E402
 from zspaprune_ops.reference.naive import select_batched as reference  # noqa: E402
 
@@ -284,7 +285,7 @@ def modes(args):
         launches.clear()
         kselect.select_batched(*call, gram=False)
         sync, parts = launches[-1]
-        passes = (sync[:, 0] & ((1 << 40) - 1)) // parts - 1
+        passes = (sync[:, 0] & kfill._ARRIVALS.value) // parts - 1
         limit, kselect.GRAM_MAX_N = kselect.GRAM_MAX_N, 0  # the model's streaming prediction
         predicted = model.predict(B, N, 4096, 64, keep, device=args.device)
         kselect.GRAM_MAX_N = limit

@@ -21,7 +21,7 @@ import triton
 from zspaprune_ops import _validate
 from zspaprune_ops.rule import core_size, may_start_with_divprune
 
-from .fill import _select_gram_kernel, _select_stream_kernel
+from .fill import _FAILED, _select_gram_kernel, _select_stream_kernel
 from .prepare import _prepare_kernel, _prompt_kernel
 
 TILE = 64
@@ -60,7 +60,7 @@ STREAM_CANDIDATES = 16
 """Candidates per pass of the streaming launch 2: their distances to every token come from one
 pass over the features (a [32, D] x [D, 16] tensor-core product per token block), and every
 pick the one-at-a-time rule makes among them is confirmed in that pass (core picks: 16 per
-pass; fill picks: ``bench/multipick_sim.py`` counts 3-10 per pass for N = 576-8192)."""
+pass; fill picks: ``bench/multipick_sim.py`` counts 3-13 per pass for N = 576-32768)."""
 LIST_CHUNK = 32
 """Programs' candidate lists merged per load (32 x 32 packed keys)."""
 
@@ -76,8 +76,6 @@ MAX_PARTS = 256
 """Most programs per image in the cooperative streaming launch 2."""
 SYNC_WORDS = 1 + 2 * MAX_PARTS * 2 * STREAM_CANDIDATES
 """int64 words per image of the streaming launch 2: its barrier, then two lists buffers."""
-FAILED = 1 << 40
-"""Bit of an image's barrier word that a timed-out cooperative launch sets."""
 COOPERATIVE = True
 """Spread each image of the streaming launch 2 over the programs of a cooperative grid on
 CUDA; False gives one program per image (what the interpreter runs)."""
@@ -195,7 +193,7 @@ def _select_chunk(visual, prompt, keep, relevance_ratio, prompt_mask, visual_mas
             N, D, keep, n_core, n_splits, n_groups, n_sync)
     parts = _launch_stream(args, B, N, visual, parts, nearest_needed)
     if parts > 1 and _should_check(visual):
-        failed = (sync[:, 0] & FAILED) != 0
+        failed = (sync[:, 0] & _FAILED.value) != 0
         if bool(failed.any()):
             raise RuntimeError(
                 f"zspaprune: the cooperative selection kernel timed out for images "
