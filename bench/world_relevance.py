@@ -11,17 +11,19 @@ import argparse
 import torch
 
 from zspaprune_ops.demo import load, prompt_text
+from zspaprune_ops.reference.naive import select
 from zspaprune_ops.world import scenes, train
 
 
 def top_relevance(model, processor, image, question: str, keep: int) -> torch.Tensor:
-    """Indices [keep] of the visual tokens most similar to the prompt's mean embedding."""
+    """Indices [keep] of the relevance core at ``relevance_ratio=1``: the rule's own selection
+    (the reference) on the visual tokens and the prompt's text-token embeddings."""
     inputs = processor(images=image, text=prompt_text(processor, question), return_tensors="pt")
     with torch.no_grad():
         visual = train.image_features(model, inputs["pixel_values"])  # [N, D]
         ids = inputs["input_ids"][0]
-        prompt = model.get_input_embeddings()(ids)[ids != model.config.image_token_id].mean(0)
-        return torch.cosine_similarity(visual, prompt[None], dim=-1).topk(keep).indices
+        prompt = model.get_input_embeddings()(ids)[ids != model.config.image_token_id]
+        return select(visual, prompt, keep, relevance_ratio=1.0)
 
 
 def main():
@@ -39,13 +41,13 @@ def main():
         other = next(q for _, q, _ in scenes.all_questions(sample.things) if q != sample.question)
         other_top = top_relevance(model, processor, sample.image, other, args.keep)
         overlap += len(set(top.tolist()) & set(other_top.tolist())) / args.keep
-        shapes = torch.tensor(scenes.patch_labels(sample.things)[0])
+        labels = scenes.patch_labels(sample.things)[0]
+        shapes = torch.tensor(labels)
         on_objects += (shapes[top] > 0).float().mean().item()
         covered += (shapes > 0).float().mean().item()
-        word = sample.question.rstrip("?").split()[-1]
-        things = [t for t in sample.things if word in (t.shape, t.colour)]
-        if things:
-            target = shapes == 1 + scenes.SHAPES.index(things[0].shape)
+        target = scenes.named_patches(sample.things, sample.question, labels)
+        if target is not None:
+            target = torch.tensor(target)
             named += 1
             missed += int(target[top].sum() == 0)
             on_named += target[top].float().mean().item()

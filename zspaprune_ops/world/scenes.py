@@ -19,7 +19,7 @@ gives further fresh questions.
 """
 import random
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from PIL import Image, ImageDraw
 
@@ -109,6 +109,16 @@ def patch_labels(things, min_pixels: int = 20) -> Tuple[List[int], List[int]]:
             shapes.append(0 if thing is None else 1 + SHAPES.index(thing.shape))
             colours.append(0 if thing is None else 1 + list(COLOURS).index(thing.colour))
     return shapes, colours
+
+
+def named_patches(things, question: str, shapes: List[int]) -> Optional[List[bool]]:
+    """Which patches (``patch_labels``' ``shapes``) show the thing ``question`` names by its
+    last word, a shape or a colour; None when no thing in ``things`` has that name."""
+    word = question.rstrip("?").split()[-1]
+    named = [t for t in things if word in (t.shape, t.colour)]
+    if not named:
+        return None
+    return [label == 1 + SHAPES.index(named[0].shape) for label in shapes]
 
 
 def samples(split, count: int, start: int = 0) -> List[Sample]:

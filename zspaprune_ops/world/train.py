@@ -53,14 +53,13 @@ def grounding_loss(attention: torch.Tensor, inputs: dict, batch, turns: int, see
     labels = inputs["labels"]
     losses = []
     for b, sample in enumerate(batch):
-        shapes = torch.tensor(scenes.patch_labels(sample.things)[0])
+        shapes = scenes.patch_labels(sample.things)[0]
         visual = (inputs["input_ids"][b] == image_token_id).nonzero().squeeze(1)
         answers = ((labels[b] != -100) & (labels[b] != eos_token_id)).nonzero().squeeze(1)
         for position, (question, _) in zip(answers - 1, dialogue(sample, turns, f"{seed}/{b}")):
-            named = question.rstrip("?").split()[-1]
-            thing = [t for t in sample.things if named in (t.shape, t.colour)]
-            if thing:
-                target = visual[shapes == 1 + scenes.SHAPES.index(thing[0].shape)]
+            named = scenes.named_patches(sample.things, question, shapes)
+            if named is not None:
+                target = visual[torch.tensor(named)]
                 losses.append(-torch.log(attention[b, 0, position, target].sum() + 1e-6))
     return torch.stack(losses).mean() if losses else attention.new_zeros(())
 
@@ -173,8 +172,7 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, turns: i
             if name == "vision step":
                 pixels = processor.image_processor([s.image for s in batch],
                                                    return_tensors="pt")["pixel_values"]
-                image_features(model, pixels)
-                losses = {"patch": heads.loss(projected[0], batch)}
+                losses = {"patch": heads.loss(image_features(model, pixels), batch)}
             else:
                 inputs = batch_inputs(processor, batch, turns, f"{seed}/{step}")
                 output = model(**inputs, output_attentions=True)
