@@ -148,7 +148,7 @@ def test_keep_everything_reproduces_the_unwrapped_model(folders, kind):
     new = wrapped.generate(**inputs, max_new_tokens=6, do_sample=False)
     with torch.no_grad():
         full = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    assert torch.equal(new, full[:, inputs["input_ids"].shape[1]:])
+    assert torch.equal(new, full)  # as Hugging Face: the prompt ids, then the new tokens
 
 
 @pytest.mark.parametrize("kind,dtype", [("llava", torch.float32), ("llava", torch.bfloat16),
@@ -228,6 +228,7 @@ def test_padded_batch_equals_per_sample_runs(folders, kind, padding_side):
         pruned = wrapped.prune_inputs(**inputs)
         logits = wrapped(**inputs).logits
     new = wrapped.generate(**inputs, max_new_tokens=5, do_sample=False)
+    new = new[:, inputs["input_ids"].shape[1]:]
     first = 0
     for sample, (prompt, mine) in enumerate(zip(prompts, per_sample)):
         alone = batch(folders, kind, [prompt], mine, seed=5)
@@ -243,7 +244,7 @@ def test_padded_batch_equals_per_sample_runs(folders, kind, padding_side):
         real = pruned.attention_mask[sample].bool()
         torch.testing.assert_close(logits[sample][real], logits_alone[0], rtol=1e-5, atol=1e-5)
         new_alone = wrapped.generate(**alone, max_new_tokens=5, do_sample=False)
-        assert torch.equal(new[sample], new_alone[0])
+        assert torch.equal(new[sample], new_alone[0, alone["input_ids"].shape[1]:])
         first += len(mine)
     side = pruned.attention_mask[:, -1] if padding_side == "left" else pruned.attention_mask[:, 0]
     assert side.all()  # the shortened batch keeps the input's padding side
@@ -311,20 +312,24 @@ def test_torch_compile_of_the_wrapped_forward(folders):
         features = torch.stack(image_features(wrapped.model, inputs))
         embeds = wrapped.model.get_input_embeddings()(inputs["input_ids"])
         prompt_mask = inputs["input_ids"] != wrapped.model.config.image_token_id
-        select = torch.compile(wrapped._select, backend="aot_eager", fullgraph=True)
-        kept = select(features, embeds, prompt_mask, None)
+        select = torch.compile(wrapped.selector, backend="aot_eager", fullgraph=True)
+        kept = select(features, embeds, 5, 0.5, prompt_mask, None)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-    assert torch.equal(kept, wrapped._select(features, embeds, prompt_mask, None))
+    assert torch.equal(kept, wrapped.selector(features, embeds, 5, 0.5, prompt_mask, None))
 
 
 def test_bad_arguments_raise_clear_errors(folders):
     model = load(folders, "llava").model
     inputs = batch(folders, "llava", PROMPTS[:1], [(32, 32)])
     for kwargs, error, words in [
-            (dict(keep=0), ValueError, "keep"), (dict(keep=2.0), TypeError, "keep"),
+            (dict(keep=0), ValueError, "keep"), (dict(keep=2.0), ValueError, r"\(0, 1\]"),
+            (dict(keep="8"), TypeError, "keep"),
             (dict(relevance_ratio=1.5), ValueError, "relevance_ratio"),
             (dict(relevance_ratio="half"), TypeError, "relevance_ratio"),
-            (dict(backend="cuda"), ValueError, "backend")]:
+            (dict(backend="cuda"), ValueError, "backend"),
+            (dict(prompt="question"), ValueError, r"prompt must be one of \('message', 'all'\)"),
+            (dict(selector=3), TypeError, "selector must be callable"),
+            (dict(selector=print, backend="reference"), ValueError, "either selector or backend")]:
         with pytest.raises(error, match=words):
             ZSPAPruneLlava(model, **kwargs)
     with pytest.raises(TypeError, match="model"):
@@ -381,7 +386,7 @@ def test_text_only_inputs_pass_through(folders):
         full = wrapped.model.generate(**inputs, max_new_tokens=4, do_sample=False)
         logits = wrapped(**inputs).logits
         reference = wrapped.model(**inputs).logits
-    assert torch.equal(new, full[:, inputs["input_ids"].shape[1]:])
+    assert torch.equal(new, full)
     assert torch.equal(logits, reference)
 
 
@@ -412,19 +417,19 @@ def test_original_positions_equal_the_full_run_with_the_pruned_tokens_masked_out
     for got, want in zip(real_rows(logits, pruned.attention_mask), real_rows(full, holes)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     steps = original.generate(**inputs, max_new_tokens=3, do_sample=False)
+    steps = steps[:, inputs["input_ids"].shape[1]:]
     assert torch.equal(steps[:, 0], full[:, -1].argmax(-1))  # left-padded: -1 is the last token
 
 
-def test_front_door_wraps_llava_and_a_negative_index_raises(folders, monkeypatch):
+def test_front_door_wraps_llava_and_a_negative_index_raises(folders):
     import zspaprune_ops
     from zspaprune_ops import ZSPAPruneModel
 
     model = load(folders, "llava").model
-    wrapped = zspaprune_ops.prune(model, keep=4)
+    wrapped = zspaprune_ops.prune(model, keep=4, selector=lambda visual, prompt, keep, *rest:
+                                  torch.full((visual.shape[0], keep), -1, dtype=torch.int64))
     assert type(wrapped) is ZSPAPruneLlava and wrapped.unwrap() is model
     assert type(ZSPAPruneModel.from_pretrained(folders["llava_next"])) is ZSPAPruneLlava
     inputs = batch(folders, "llava", PROMPTS[:1], [(32, 32)])
-    monkeypatch.setattr(wrapped, "_select", lambda visual, *rest: torch.full(
-        (visual.shape[0], wrapped.keep), -1, dtype=torch.int64))
     with pytest.raises(RuntimeError, match="negative index"):
         wrapped.prune_inputs(**inputs)
