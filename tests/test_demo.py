@@ -21,11 +21,11 @@ from transformers import AutoProcessor  # noqa: E402
 from zspaprune_ops import demo  # noqa: E402
 from zspaprune_ops.cli import DEMO_PROMPT, build_parser  # noqa: E402
 from zspaprune_ops.llava import ZSPAPruneLlava  # noqa: E402
-from zspaprune_ops.demo.measure import interleaved_medians  # noqa: E402
+from zspaprune_ops.testing.measure import interleaved_medians  # noqa: E402
 from zspaprune_ops.demo.overlay import CORE_COLOUR, FILL_COLOUR, Layout, token_grids  # noqa: E402
 from zspaprune_ops.reference import naive  # noqa: E402
 from zspaprune_ops.rule import core_size  # noqa: E402
-from zspaprune_ops.demo.tiny_llava import build_tiny_llava  # noqa: E402
+from zspaprune_ops.testing.tiny_llava import build_tiny_llava  # noqa: E402
 from zspaprune_ops.world import scenes  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -247,7 +247,7 @@ def test_bundled_sample_image_is_the_drawing_script_output():
 
 def test_qwen_tokens_tile_the_resized_image():
     """Qwen's merged tokens in raster order over the whole (resized, not cropped) image."""
-    from zspaprune_ops.demo.tiny_qwen import build_config
+    from zspaprune_ops.testing.tiny_qwen import build_config
     config = build_config("qwen2_5_vl")
     merge = config.vision_config.spatial_merge_size
     grid_thw = torch.tensor([1, 6 * merge, 4 * merge])
@@ -261,7 +261,7 @@ def test_qwen_tokens_tile_the_resized_image():
 def test_demo_runs_a_qwen_checkpoint(tmp_path):
     """``--model`` takes every supported family (Qwen's processor needs torchvision)."""
     pytest.importorskip("torchvision", reason="transformers' Qwen processors need torchvision")
-    from zspaprune_ops.demo.tiny_qwen import build_tiny_qwen
+    from zspaprune_ops.testing.tiny_qwen import build_tiny_qwen
     folder = build_tiny_qwen(tmp_path / "qwen", "qwen2_5_vl")
     result = run_demo("--model", str(folder), "--keep", "8", "--out", str(tmp_path / "kept.png"))
     assert [row.keep for row in result.rows] == [None, 8] and len(result.rows[1].kept) == 8

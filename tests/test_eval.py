@@ -10,7 +10,7 @@ import zspaprune_ops  # noqa: E402
 from zspaprune_ops.cli import main  # noqa: E402
 from zspaprune_ops.eval import data, run  # noqa: E402
 from zspaprune_ops.eval.methods import baseline_selector, random_pick, uniform_pick  # noqa: E402
-from zspaprune_ops.demo.tiny_llava import build_model  # noqa: E402
+from zspaprune_ops.testing.tiny_llava import build_model  # noqa: E402
 from zspaprune_ops.world import scenes  # noqa: E402
 
 SHIPPED_TEST_ACCURACY = 0.892

@@ -23,6 +23,7 @@ def test_wheel_maps_kernels_and_reference_inside_the_package(tmp_path):
     assert (target / "zspaprune_ops" / "assets" / "shapes_llava" / "model.safetensors").is_file()
     probe = ("import zspaprune_ops, zspaprune_ops.kernels, zspaprune_ops.reference, torch\n"
              "import zspaprune_ops.world.scenes, zspaprune_ops.eval.methods\n"
+             "import zspaprune_ops.testing.measure\n"
              "assert zspaprune_ops.__file__.startswith(%r)\n"
              "v = torch.randn(1, 9, 4); print(zspaprune_ops.reference.select(v, v[:, :2], 3).tolist())"
              % str(target))

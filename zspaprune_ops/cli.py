@@ -97,7 +97,7 @@ def existing_path(text: str) -> str:
 def _select_command(args: argparse.Namespace) -> None:
     import zspaprune_ops
     from zspaprune_ops.dispatch import implementation
-    from zspaprune_ops.demo.measure import median_seconds
+    from zspaprune_ops.testing.measure import median_seconds
 
     if args.keep > args.n:
         raise UsageError(f"--keep {args.keep} is above --n {args.n} (the tokens per image)")

@@ -23,7 +23,7 @@ def image(width: int, height: int, seed: int) -> Image.Image:
 
 
 def checkpoint(tmp_path_factory, kind: str) -> str:
-    from zspaprune_ops.demo.tiny_llava import build_tiny_llava
+    from zspaprune_ops.testing.tiny_llava import build_tiny_llava
     return build_tiny_llava(tmp_path_factory.mktemp(kind), kind, seed=3, **SIZES)
 
 

@@ -24,7 +24,7 @@ import torch
 from zspaprune_ops._validate import FEATURE_DTYPES
 from zspaprune_ops.cli import UsageError, describe
 from zspaprune_ops.eval.data import normalize
-from zspaprune_ops.demo.measure import interleaved_medians, peak_bytes, resident_bytes
+from zspaprune_ops.testing.measure import interleaved_medians, peak_bytes, resident_bytes
 from zspaprune_ops.rule import core_size
 
 SAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "assets" / "sample.png"

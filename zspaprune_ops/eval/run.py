@@ -126,7 +126,7 @@ def main(args) -> List[dict]:
     from zspaprune_ops.demo import load_model
     from zspaprune_ops.eval import data, report
     from zspaprune_ops.eval.methods import Method
-    from zspaprune_ops.demo.measure import environment
+    from zspaprune_ops.testing.measure import environment
 
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = FEATURE_DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
