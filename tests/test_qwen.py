@@ -199,6 +199,8 @@ def test_pruned_run_equals_the_full_run_with_the_pruned_tokens_masked_out(folder
     with torch.no_grad():
         pruned = wrapped.prune_inputs(**inputs)
         logits = wrapped(**inputs).logits
+    assert torch.equal(out.kept_indices, pruned.kept_indices)  # from the same call
+    assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + steps
     holes = kept_tokens(wrapped.model, inputs, pruned).long()
     positions = original_positions(wrapped.model, inputs)
     ids = inputs["input_ids"]
