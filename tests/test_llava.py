@@ -9,7 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
 import zspaprune_ops.reference  # noqa: E402
-from zspaprune_ops.llava import ZSPAPruneLlava, position_ids_from_mask  # noqa: E402
+from zspaprune_ops.models.llava import ZSPAPruneLlava  # noqa: E402
+from zspaprune_ops.models.sequence import position_ids_from_mask  # noqa: E402
 from zspaprune_ops.testing.tiny_llava import build_tiny_llava  # noqa: E402
 
 KINDS = ("llava", "llava_next")
