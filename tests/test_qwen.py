@@ -17,7 +17,7 @@ import zspaprune_ops.reference  # noqa: E402
 from zspaprune_ops import ZSPAPruneModel, prune  # noqa: E402
 from zspaprune_ops.models.qwen2_5_vl import ZSPAPruneQwen2_5_VL  # noqa: E402
 from zspaprune_ops.models.qwen3_vl import ZSPAPruneQwen3VL  # noqa: E402
-from zspaprune_ops.demo.tiny_qwen import KINDS, build_tiny_qwen, encode, video_inputs  # noqa: E402
+from zspaprune_ops.testing.tiny_qwen import KINDS, build_tiny_qwen, encode, video_inputs  # noqa: E402
 
 QUESTIONS = ("What is shown in the picture?", "Where is the cat?",
              "How many objects are there, left and right?")

@@ -24,7 +24,7 @@ NO_TEST = "<!-- no-test"
 
 def _tiny_llava(kind: str):
     def build(folder):
-        from zspaprune_ops.demo.tiny_llava import build_tiny_llava
+        from zspaprune_ops.testing.tiny_llava import build_tiny_llava
         # 224 px / 14 px patches: 256 image tokens, so the README's budgets really prune
         return build_tiny_llava(folder, kind=kind, image_size=224, patch_size=14)
     return build
@@ -32,7 +32,7 @@ def _tiny_llava(kind: str):
 
 def _tiny_qwen(folder):
     pytest.importorskip("torchvision", reason="transformers' Qwen processors need torchvision")
-    from zspaprune_ops.demo.tiny_qwen import build_tiny_qwen
+    from zspaprune_ops.testing.tiny_qwen import build_tiny_qwen
     return build_tiny_qwen(folder, "qwen2_5_vl")
 
 

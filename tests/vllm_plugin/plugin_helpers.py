@@ -23,7 +23,7 @@ def image(width: int, height: int, seed: int) -> Image.Image:
 
 
 def checkpoint(tmp_path_factory, kind: str) -> str:
-    from zspaprune_ops.demo.tiny_llava import build_tiny_llava
+    from zspaprune_ops.testing.tiny_llava import build_tiny_llava
     return build_tiny_llava(tmp_path_factory.mktemp(kind), kind, seed=3, **SIZES)
 
 
@@ -81,7 +81,7 @@ class HFReference:
 
     def __init__(self, folder: str, keep: int, relevance_ratio: float = 0.5):
         from transformers import AutoProcessor
-        from zspaprune_ops.llava import ZSPAPruneLlava
+        from zspaprune_ops.models.llava import ZSPAPruneLlava
         self.processor = AutoProcessor.from_pretrained(folder)
         self.model = ZSPAPruneLlava.from_pretrained(folder, keep=keep,
                                                     relevance_ratio=relevance_ratio)

@@ -1,5 +1,5 @@
 """Wall-clock medians and peak tensor memory of callables, and the environment fields of results
-rows (shared by the demo, the eval and the benchmarks)."""
+rows (shared by the benchmarks, the demo and ``zspaprune eval``)."""
 import contextlib
 import os
 import time

@@ -4,7 +4,8 @@ Used by the tests and the end-to-end benchmark. Nothing is downloaded: the token
 trained here on a fixed text with Qwen's special tokens and chat template, the image processor
 the PIL-based ``Qwen2VLImageProcessorPil``. transformers' Qwen processors cannot be built
 without torchvision (their video processor needs it), so ``encode`` does their job for the
-tests, and ``video_inputs`` makes video inputs. Weights are re-drawn from N(0, 1/fan_in) as in ``tiny_llava``.
+tests, and ``video_inputs`` makes video inputs. Weights are re-drawn from N(0, 1/fan_in)
+(``common.redraw_weights``).
 """
 import os
 from typing import Optional
@@ -18,10 +19,10 @@ try:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil)
 except ImportError as error:  # pragma: no cover - depends on the environment
-    raise ImportError("zspaprune_ops.demo.tiny_qwen needs the Hugging Face extra: "
+    raise ImportError("zspaprune_ops.testing.tiny_qwen needs the Hugging Face extra: "
                       "pip install zspaprune[hf]") from error
 
-from zspaprune_ops.demo.tiny_llava import instantiate, train_bpe
+from zspaprune_ops.testing.common import instantiate, train_bpe
 
 KINDS = ("qwen2_5_vl", "qwen3_vl")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",

@@ -1,22 +1,15 @@
 """Tiny, deterministic LLaVA / LLaVA-NeXT models built offline from configs (random weights).
 
-Used by the tests, ``zspaprune demo`` and the end-to-end benchmark. Nothing is downloaded:
-the vision tower is a small CLIP, the language model a small Llama, the tokenizer a BPE
-trained here on a fixed text, the image processor the PIL-based CLIP / LLaVA-NeXT one
-(torchvision is not needed).
-
-Hugging Face's default init (std 0.02) makes a tiny model's visual tokens nearly identical,
-so every weight matrix is re-drawn from N(0, 1/fan_in) with a seeded generator: the tokens
-then differ and the pruning has something to choose between.
+Used by the tests, the README's snippets and the benchmarks. Nothing is downloaded: the
+vision tower is a small CLIP, the language model a small Llama, the tokenizer a BPE trained
+here on a fixed text, the image processor the PIL-based CLIP / LLaVA-NeXT one (torchvision is
+not needed). Weights are re-drawn from N(0, 1/fan_in) (``common.redraw_weights``) so that the
+visual tokens differ and the pruning has something to choose between.
 """
-import math
 import os
 from typing import Optional
 
-import torch
-
 try:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig,
                               LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
                               LlavaNextProcessor, LlavaProcessor, PreTrainedTokenizerFast)
@@ -24,8 +17,10 @@ try:
     from transformers.models.llava_next.image_processing_pil_llava_next import (
         LlavaNextImageProcessorPil)
 except ImportError as error:  # pragma: no cover - depends on the environment
-    raise ImportError("zspaprune_ops.demo.tiny_llava needs the Hugging Face extra: "
+    raise ImportError("zspaprune_ops.testing.tiny_llava needs the Hugging Face extra: "
                       "pip install zspaprune[hf]") from error
+
+from zspaprune_ops.testing.common import instantiate, train_bpe
 
 KINDS = ("llava", "llava_next")
 IMAGE_TOKEN = "<image>"
@@ -92,21 +87,6 @@ def build_config(kind: str = "llava", **sizes):
     return LlavaNextConfig(image_grid_pinpoints=pinpoints, **common)
 
 
-def redraw_weights(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Re-draw in place every weight matrix from N(0, 1/fan_in) and LLaVA-NeXT's image-newline
-    vector from N(0, 1/D); other vectors (norms, biases) stay. Deterministic for a seed on a
-    device (drawn on the parameters' device: fast for large models, but CPU and CUDA draws
-    differ)."""
-    device = next(model.parameters()).device
-    if device.type == "meta":
-        return model
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if param.dim() >= 2 or name.endswith("image_newline"):
-                fan_in = math.prod(param.shape[1:]) if param.dim() >= 2 else param.shape[0]
-                param.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=generator)
-    return model
 
 
 def build_model(kind: str = "llava", seed: int = 0, device=None, dtype=None,
@@ -123,38 +103,8 @@ def build_model(kind: str = "llava", seed: int = 0, device=None, dtype=None,
     return instantiate(cls, config, seed, device, dtype, attn_implementation)
 
 
-def instantiate(cls, config, seed: int, device=None, dtype=None,
-                attn_implementation: Optional[str] = None):
-    """``cls(config)`` built directly on ``device`` / ``dtype`` from a seeded RNG, weights
-    re-drawn (``redraw_weights``), in eval mode."""
-    if attn_implementation is not None:
-        config._attn_implementation = attn_implementation
-    device = torch.device(device if device is not None else "cpu")
-    previous_dtype = torch.get_default_dtype()
-    forked = []
-    if device.type == "cuda":
-        forked = [device.index if device.index is not None else torch.cuda.current_device()]
-    # a seeded RNG: Hugging Face's own init also draws a few vectors (e.g. CLIP's class embedding)
-    with torch.random.fork_rng(devices=forked), torch.device(device):
-        torch.manual_seed(seed)
-        torch.set_default_dtype(dtype or torch.float32)
-        try:
-            model = cls(config)
-        finally:
-            torch.set_default_dtype(previous_dtype)
-    return redraw_weights(model, seed).eval()
 
 
-def train_bpe(corpus: str, vocab_size: int, special_tokens, unk_token=None):
-    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``corpus``."""
-    bpe = Tokenizer(models.BPE(unk_token=unk_token))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    bpe.train_from_iterator([corpus], trainer=trainer)
-    return bpe
 
 
 def build_tokenizer(vocab_size: int = TINY_SIZES["vocab_size"]):
@@ -195,6 +145,5 @@ def build_tiny_llava(folder, kind: str = "llava", seed: int = 0, **sizes) -> str
     return folder
 
 
-__all__ = ["KINDS", "TINY_SIZES", "LLAVA_15_7B_SIZES", "build_config", "build_model",
-           "instantiate", "train_bpe", "build_tokenizer", "build_processor", "build_tiny_llava",
-           "redraw_weights"]
+__all__ = ["KINDS", "TINY_SIZES", "LLAVA_15_7B_SIZES", "CHAT_TEMPLATE", "build_config",
+           "build_model", "build_tokenizer", "build_processor", "build_tiny_llava"]
