@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from zspaprune_ops.demo import load, prompt_text
+from zspaprune_ops.checkpoint import load, prompt_text
 from zspaprune_ops.reference.naive import select
 from zspaprune_ops.world import scenes, train
 

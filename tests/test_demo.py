@@ -19,8 +19,9 @@ from PIL import Image  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
 from zspaprune_ops import demo  # noqa: E402
-from zspaprune_ops.cli import DEMO_PROMPT, build_parser  # noqa: E402
-from zspaprune_ops.llava import ZSPAPruneLlava  # noqa: E402
+from zspaprune_ops.checkpoint import DEMO_PROMPT, SAMPLE_IMAGE, load, prompt_text  # noqa: E402
+from zspaprune_ops.cli import build_parser  # noqa: E402
+from zspaprune_ops.models.llava import ZSPAPruneLlava  # noqa: E402
 from zspaprune_ops.testing.measure import interleaved_medians  # noqa: E402
 from zspaprune_ops.demo.overlay import CORE_COLOUR, FILL_COLOUR, Layout, token_grids  # noqa: E402
 from zspaprune_ops.reference import naive  # noqa: E402
@@ -38,7 +39,7 @@ def run_demo(*argv):
 
 
 def model_inputs(model, processor, image, prompt=DEMO_PROMPT):
-    return processor(images=image, text=demo.prompt_text(processor, prompt), return_tensors="pt")
+    return processor(images=image, text=prompt_text(processor, prompt), return_tensors="pt")
 
 
 def reference_selection(model, inputs, keep, ratio):
@@ -133,7 +134,7 @@ def test_demo_default_end_to_end(tmp_path, monkeypatch, capsys):
     assert result.rows[0].text.strip() == scene.answer
 
     # The kept tokens and the core are the reference rule's, on the model's own features.
-    model, processor = demo.load(None, torch.device("cpu"), torch.float32)
+    model, processor = load(None, torch.device("cpu"), torch.float32)
     assert result.image_tokens == 256
     inputs = model_inputs(model, processor, scene.image, scene.question)
     for row in result.rows[1:]:
@@ -157,14 +158,14 @@ def test_shipped_model_is_small_fp16_and_loads_offline(monkeypatch):
     weights = SHIPPED_MODEL / "model.safetensors"
     assert weights.stat().st_size < 3 * 2**20
     assert {t.dtype for t in load_file(weights).values()} == {torch.float16}
-    model, processor = demo.load(None, torch.device("cpu"), torch.float32)
+    model, processor = load(None, torch.device("cpu"), torch.float32)
     assert model.config.image_seq_length == 256 and model.dtype == torch.float32
     assert processor.tokenizer.convert_tokens_to_ids("circle") != processor.tokenizer.unk_token_id
 
 
 def test_demo_llava_next_draws_base_and_high_res_grids(tmp_path, capsys):
     folder = build_tiny_llava(tmp_path / "next", kind="llava_next")
-    wide = Image.open(demo.SAMPLE_IMAGE).crop((0, 60, 336, 276))
+    wide = Image.open(SAMPLE_IMAGE).crop((0, 60, 336, 276))
     wide.save(tmp_path / "wide.png")
     result = run_demo("--model", str(folder), "--image", str(tmp_path / "wide.png"), "--keep",
                       "10", "5", "--ratio", "0.6", "--out", str(tmp_path / "next.png"))
@@ -187,7 +188,7 @@ def test_budgets_at_or_above_the_image_tokens_are_named_once(tmp_path, capsys):
     """16 image tokens: keep 20 and 16 select nothing, one note and no rows of their own; a
     repeated budget is one row; a wide image is centre-cropped and the report says so."""
     folder = build_tiny_llava(tmp_path / "llava", kind="llava")
-    Image.open(demo.SAMPLE_IMAGE).crop((0, 60, 336, 276)).save(tmp_path / "wide.png")
+    Image.open(SAMPLE_IMAGE).crop((0, 60, 336, 276)).save(tmp_path / "wide.png")
     out_png = tmp_path / "o.png"
     result = run_demo("--model", str(folder), "--image", str(tmp_path / "wide.png"), "--keep",
                       "20", "8", "16", "8", "--out", str(out_png))
@@ -236,11 +237,11 @@ def test_bench_e2e_tiny_preset_records_rows(tmp_path, monkeypatch, capsys):
 
 def test_bundled_sample_image_is_the_drawing_script_output():
     spec = importlib.util.spec_from_file_location(
-        "make_sample", demo.SAMPLE_IMAGE.parent / "make_sample.py")
+        "make_sample", SAMPLE_IMAGE.parent / "make_sample.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    bundled = Image.open(demo.SAMPLE_IMAGE)
-    assert bundled.mode == "RGB" and demo.SAMPLE_IMAGE.stat().st_size < 50_000
+    bundled = Image.open(SAMPLE_IMAGE)
+    assert bundled.mode == "RGB" and SAMPLE_IMAGE.stat().st_size < 50_000
     drawn = module.draw_sample()
     assert bundled.size == drawn.size and bundled.tobytes() == drawn.tobytes()
 

@@ -66,7 +66,7 @@ def test_wilson_interval():
 
 def test_shipped_model_accuracy_on_fresh_questions():
     """A seed not used in training (train 0, val 1, test 2): unpruned accuracy holds up."""
-    from zspaprune_ops.demo import load
+    from zspaprune_ops.checkpoint import load
 
     model, processor = load(None, torch.device("cpu"), torch.float32)
     questions = data.world_questions(1234, 300)

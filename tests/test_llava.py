@@ -1,4 +1,6 @@
 """ZSPAPruneLlava on tiny offline LLaVA / LLaVA-NeXT models (random weights, built per session)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,8 +10,10 @@ from PIL import Image  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
+import zspaprune_ops  # noqa: E402
 import zspaprune_ops.reference  # noqa: E402
-from zspaprune_ops.llava import ZSPAPruneLlava, position_ids_from_mask  # noqa: E402
+from zspaprune_ops.models.llava import ZSPAPruneLlava  # noqa: E402
+from zspaprune_ops.models.sequence import position_ids_from_mask  # noqa: E402
 from zspaprune_ops.testing.tiny_llava import build_tiny_llava  # noqa: E402
 
 KINDS = ("llava", "llava_next")
@@ -433,3 +437,105 @@ def test_front_door_wraps_llava_and_a_negative_index_raises(folders):
     inputs = batch(folders, "llava", PROMPTS[:1], [(32, 32)])
     with pytest.raises(RuntimeError, match="negative index"):
         wrapped.prune_inputs(**inputs)
+
+
+# ------------------------------------------------------------------ the relevance prompt
+REAL_TEMPLATE = (Path(__file__).parent / "data" / "chat_templates" / "llava_1_5.jinja").read_text()
+SYSTEM = "You are a careful assistant. Look twice."
+CHAT_QUESTIONS = ("Where is the cat?", "How many objects are there, left and right?")
+
+
+def chat(turns, images=(1, 2)):
+    messages = [{"role": "system", "content": [{"type": "text", "text": SYSTEM}]}]
+    for k in range(turns):
+        if k:
+            messages.append({"role": "assistant",
+                             "content": [{"type": "text", "text": "A red square."}]})
+        messages.append({"role": "user", "content": [{"type": "image"}] * images[k] +
+                         [{"type": "text", "text": CHAT_QUESTIONS[k]}]})
+    return messages
+
+
+class Recorder:
+    """A selector that records each call's prompt rows and runs ZSPAPrune."""
+
+    def __init__(self):
+        from zspaprune_ops.choice import zspaprune_selector
+
+        self.select, self.prompts = zspaprune_selector(), []
+
+    def __call__(self, visual, prompt, keep, ratio, prompt_mask, visual_mask):
+        self.prompts += [row[mask] for row, mask in zip(prompt, prompt_mask)]
+        return self.select(visual, prompt, keep, ratio, prompt_mask, visual_mask)
+
+
+def question_tokens(tokenizer, ids, question):
+    """Positions of the tokens carrying the last occurrence of ``question`` (from offsets)."""
+    text = tokenizer.decode(ids)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert encoded["input_ids"] == ids
+    start = text.rindex(question)
+    return [p for p, (a, b) in enumerate(encoded["offset_mapping"])
+            if text[max(a, start):min(b, start + len(question))].strip()]
+
+
+def chat_inputs(folders, turns, seed=3):
+    proc = processor(folders, "llava")
+    proc.chat_template = REAL_TEMPLATE
+    text = proc.apply_chat_template(chat(turns), add_generation_prompt=True)
+    count = sum((1, 2)[:turns])
+    return proc, dict(proc(images=images(seed, [(32, 32)] * count), text=[text],
+                           return_tensors="pt"))
+
+
+def test_each_image_is_scored_against_its_own_user_message(folders):
+    proc, inputs = chat_inputs(folders, turns=2)
+    recorder = Recorder()
+    model = load(folders, "llava").model
+    wrapped = zspaprune_ops.prune(model, keep=4, processor=proc, selector=recorder)
+    wrapped.prune_inputs(**inputs)
+    ids = inputs["input_ids"][0].tolist()
+    embeds = model.get_input_embeddings()(inputs["input_ids"])[0]
+    first, second = (question_tokens(proc.tokenizer, ids, q) for q in CHAT_QUESTIONS)
+    words = proc.tokenizer.decode([ids[p] for p in second])  # blank tokens are not prompt
+    assert "".join(words.split()) == "".join(CHAT_QUESTIONS[1].split())
+    assert len(recorder.prompts) == 3
+    for got, positions in zip(recorder.prompts, (first, second, second)):
+        assert torch.equal(got, embeds[positions])
+    # prompt="all": every real text token, the system prompt and the template included
+    recorder.prompts.clear()
+    zspaprune_ops.prune(model, keep=4, processor=proc, prompt="all",
+                        selector=recorder).prune_inputs(**inputs)
+    text = inputs["input_ids"][0] != model.config.image_token_id
+    assert all(torch.equal(got, embeds[text]) for got in recorder.prompts)
+    # an explicit prompt_mask wins over both
+    recorder.prompts.clear()
+    mask = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    mask[0, first] = True
+    wrapped.prune_inputs(**inputs, prompt_mask=mask)
+    assert all(torch.equal(got, embeds[first]) for got in recorder.prompts)
+
+
+def test_a_later_turn_changes_no_earlier_selection(folders):
+    proc, one_turn = chat_inputs(folders, turns=1)
+    _, two_turns = chat_inputs(folders, turns=2)  # the same first image (same seed), one more turn
+    assert torch.equal(one_turn["pixel_values"][0], two_turns["pixel_values"][0])
+    wrapped = zspaprune_ops.prune(load(folders, "llava").model, keep=4, processor=proc)
+    with torch.no_grad():
+        alone = wrapped.prune_inputs(**one_turn).kept_indices
+        later = wrapped.prune_inputs(**two_turns).kept_indices
+    assert torch.equal(alone[0], later[0])
+    with torch.no_grad():  # the whole transcript as the prompt: the second turn moves the first
+        everything = zspaprune_ops.prune(wrapped.model, keep=4, relevance_ratio=1.0,
+                                         processor=proc, prompt="all")
+        moved = [everything.prune_inputs(**x).kept_indices[0] for x in (one_turn, two_turns)]
+    assert not torch.equal(*moved)
+
+
+def test_from_pretrained_finds_the_chat_template_and_warns_without_one(folders):
+    wrapped = ZSPAPruneLlava.from_pretrained(folders["llava"], keep=4)
+    assert wrapped.layout is not None and wrapped.prompt == "message"
+    bare = ZSPAPruneLlava(wrapped.model, keep=4)
+    inputs = batch(folders, "llava", PROMPTS[:1], [(32, 32)])
+    with pytest.warns(UserWarning, match="no tokenizer with a chat template"):
+        bare.prune_inputs(**inputs)

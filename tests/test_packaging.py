@@ -31,3 +31,54 @@ def test_wheel_maps_kernels_and_reference_inside_the_package(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, check=True,
                          capture_output=True, text=True, timeout=300)
     assert len(eval(out.stdout)[0]) == 3
+
+
+def _package_modules():
+    """{module name: source path} of every module the wheel installs (kernels/, reference/
+    under their installed names)."""
+    homes = {"zspaprune_ops": ROOT / "zspaprune_ops", "zspaprune_ops.kernels": ROOT / "kernels",
+             "zspaprune_ops.reference": ROOT / "reference"}
+    modules = {}
+    for package, folder in homes.items():
+        for path in folder.rglob("*.py"):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            modules[".".join([package, *parts])] = path
+    return modules
+
+
+def _imports(path, modules):
+    """The package's modules ``path`` imports anywhere in it (function bodies too), except its
+    own ancestor packages (a submodule may read its package's re-exports)."""
+    import ast
+
+    name = next(n for n, p in modules.items() if p == path)
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.update(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
+                         else node.module for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {m for m in found if m in modules and m != name and not name.startswith(m + ".")}
+
+
+def test_no_import_cycles_between_the_packages_modules():
+    """Each concept one home, each dependency one way: no module imports (even lazily) one that
+    imports it back, through any chain."""
+    modules = _package_modules()
+    graph = {name: _imports(path, modules) for name, path in modules.items()}
+    cycles = []
+    for start in graph:  # a path back to itself from any module: small graph, plain DFS
+        stack, seen = [(start, (start,))], set()
+        while stack:
+            node, trail = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    cycles.append(" -> ".join((*trail, start)))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, (*trail, nxt)))
+    assert not cycles, "import cycles:\n" + "\n".join(sorted(set(cycles)))
+    assert "zspaprune_ops.errors" in graph["zspaprune_ops.cli"]  # the graph sees real imports

@@ -1,4 +1,7 @@
 """ZSPAPruneQwen2_5_VL / ZSPAPruneQwen3VL on tiny offline models (random weights, built per session)."""
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -196,6 +199,8 @@ def test_pruned_run_equals_the_full_run_with_the_pruned_tokens_masked_out(folder
     with torch.no_grad():
         pruned = wrapped.prune_inputs(**inputs)
         logits = wrapped(**inputs).logits
+    assert torch.equal(out.kept_indices, pruned.kept_indices)  # from the same call
+    assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + steps
     holes = kept_tokens(wrapped.model, inputs, pruned).long()
     positions = original_positions(wrapped.model, inputs)
     ids = inputs["input_ids"]
@@ -346,3 +351,62 @@ def test_a_negative_index_from_the_op_raises_instead_of_becoming_a_position(fold
     inputs = batch(folders, kind, images_per_sample=(1,))
     with pytest.raises(RuntimeError, match="negative index"):
         wrapped.prune_inputs(**inputs)
+
+
+# ------------------------------------------------------------------ the relevance prompt
+TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
+CHAT_QUESTIONS = ("Where is the cat?", "How many objects are there, left and right?")
+
+
+class Recorder:
+    """A selector that records each call's prompt rows and runs ZSPAPrune."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def __call__(self, visual, prompt, keep, ratio, prompt_mask, visual_mask):
+        self.prompts += [row[mask] for row, mask in zip(prompt, prompt_mask)]
+        return torch.ops.zspaprune.select(visual, prompt, keep, ratio, prompt_mask, visual_mask)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_image_is_scored_against_its_own_user_message(folders, kind):
+    """The checkpoint's real template (Qwen2.5-VL's inserts a default system prompt; here a
+    custom one), two turns, one image then two: each image's prompt is its question."""
+    tokenizer, image_processor = tools(folders, kind)
+    template = (TEMPLATES / f"{kind}.jinja").read_text()
+    messages = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                {"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": CHAT_QUESTIONS[0]}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "On the left."}]},
+                {"role": "user", "content": [{"type": "text", "text": CHAT_QUESTIONS[1]},
+                                             {"type": "image"}, {"type": "image"}]}]
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=True)
+    rng = np.random.default_rng(4)
+    pictures = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+                for h, w in SIZES[:3]]
+    inputs = encode(tokenizer, image_processor, [text], pictures)
+    recorder = Recorder()
+    checkpoint = SimpleNamespace(tokenizer=tokenizer, chat_template=template)  # a processor
+    wrapped = load(folders, kind, keep=3, selector=recorder, processor=checkpoint)
+    wrapped.prune_inputs(**inputs)
+    ids = inputs["input_ids"][0].tolist()
+    embeds = wrapped.model.get_input_embeddings()(inputs["input_ids"])[0]
+    decoded = tokenizer.decode(ids)
+    offsets = tokenizer(decoded, return_offsets_mapping=True)["offset_mapping"]
+
+    def question(q):
+        start = decoded.index(q)
+        return [p for p, (a, b) in enumerate(offsets)
+                if decoded[max(a, start):min(b, start + len(q))].strip()]
+
+    first, second = question(CHAT_QUESTIONS[0]), question(CHAT_QUESTIONS[1])
+    assert len(recorder.prompts) == 3
+    for got, positions in zip(recorder.prompts, (first, second, second)):
+        assert torch.equal(got, embeds[positions])
+
+
+def test_from_pretrained_finds_the_template_without_torchvision(folders):
+    wrapped = ZSPAPruneModel.from_pretrained(folders["qwen2_5_vl"], keep=4)
+    assert wrapped.layout is not None  # from chat_template.jinja, through the tokenizer

@@ -67,7 +67,7 @@ def test_every_question_and_answer_is_known_words():
 
 
 def test_training_script_runs_a_few_steps_and_saves_a_loadable_model(tmp_path, capsys):
-    from zspaprune_ops.demo import load
+    from zspaprune_ops.checkpoint import load
     from zspaprune_ops.world import train
 
     train.main(["--vision-steps", "1", "--steps", "2", "--batch", "2", "--turns", "3",

@@ -10,23 +10,14 @@ from pathlib import Path
 import torch
 
 from zspaprune_ops._validate import FEATURE_DTYPES
+from zspaprune_ops.checkpoint import DEMO_PROMPT
 from zspaprune_ops.dispatch import BACKENDS
+from zspaprune_ops.errors import UsageError, one_line_error
 
-DEMO_PROMPT = "What is in front of the red house?"
 DEMO_OUT = "zspaprune_demo.png"
 EVAL_METHODS = ("zspaprune", "random", "uniform")
 EVAL_OUT = "zspaprune_eval.json"
 EVAL_PLOT = "zspaprune_eval.png"
-
-
-class UsageError(Exception):
-    """A mistake in the command line's arguments, found after parsing (e.g. across options)."""
-
-
-def describe(error: BaseException) -> str:
-    """``Type: first line of the message``, for a one-line error."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def positive_int(text: str) -> int:
@@ -83,7 +74,7 @@ def device(text: str) -> torch.device:
     try:
         torch.empty(0, device=parsed)
     except Exception as error:  # AssertionError (torch without CUDA) or RuntimeError (no GPU)
-        raise argparse.ArgumentTypeError(f"{text} is not available here ({describe(error)})") \
+        raise argparse.ArgumentTypeError(f"{text} is not available here ({one_line_error(error)})") \
             from None
     return parsed
 

@@ -18,7 +18,7 @@ one matches whole. A token belongs to a user message when it carries a non-blank
 that message's text; a byte-level or SentencePiece token that glues the template's space onto
 the user's first word counts as the user's. Without a tokenizer, or when the text matches no
 conversation of the template (hand-written prompts), ``"message"`` falls back to ``"all"`` and
-says so once, in a warning.
+says so in a warning (shown once per place by Python's default warning filter).
 """
 import functools
 import re
@@ -41,9 +41,9 @@ def check_prompt_mode(prompt: str) -> str:
     return prompt
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
+def _warn(message: str) -> None:
+    # Python's default warning filter shows a message once per place: once for a user's loop
+    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,9 @@ class ChatLayout:
         rendered = "".join(self._render(system, 2, ending) or ""
                            for system in (False, True) for ending in _ENDINGS)
         self.added_ids = frozenset(added)
+        texts = sorted(set(added.values()), key=len, reverse=True)
+        self._split_added = re.compile("(" + "|".join(map(re.escape, texts)) + r")|\s+" if texts
+                                       else r"\s+")
         # added tokens the template writes itself (role markers...): part of the text matched;
         # the others (image placeholders and markers, a BOS added by the tokenizer) are set aside
         self.foreign_ids = frozenset(i for i, text in added.items() if text not in rendered)
@@ -153,19 +156,29 @@ class ChatLayout:
         return text, spans
 
     def _match(self, text: str) -> Optional[List[Tuple[int, int]]]:
-        """Character spans of the user messages' texts, in order; None if no shape matches."""
+        """Character spans of the user messages' texts, in order; None if no shape matches.
+
+        A template that writes the system text into the first user turn (Gemma 3) matches a
+        chat both with and without a system message: the split with a system message wins
+        unless it leaves a user message without words (then the system text was the user's)."""
         for turns in range(1, MAX_TURNS + 1):
-            shortest = None
-            for system in (False, True):
+            shortest, found = None, []
+            for system in (True, False):
                 for ending in _ENDINGS:
                     skeleton = self._skeleton(system, turns, ending)
                     if skeleton is None:
                         continue
                     shortest = min(shortest or skeleton.glue_length, skeleton.glue_length)
-                    found = skeleton.pattern.fullmatch(text)
-                    if found is not None:
-                        return [found.span(g + 1) for g, role in enumerate(skeleton.roles)
-                                if role == "user"]
+                    match = skeleton.pattern.fullmatch(text)
+                    if match is not None:
+                        found.append([match.span(g + 1) for g, role in enumerate(skeleton.roles)
+                                      if role == "user"])
+                        break  # the other endings of this shape cannot match too
+            for spans in found:
+                if all(text[a:b].strip() for a, b in spans):
+                    return spans
+            if found:
+                return found[0]
             if shortest is not None and shortest > len(text):
                 break  # longer conversations' template text alone is longer than the text
         return None
@@ -190,11 +203,26 @@ class ChatLayout:
         glue.append(rest)
         # a message's text never holds the template's own text: so a shorter conversation cannot
         # match a longer chat by swallowing turns into one message
-        marks = sorted({g.strip() for g in glue if len(g.strip()) >= 2}, key=len, reverse=True)
-        forbidden = "|".join(map(re.escape, marks))
+        marks = sorted({self._glue_core(g) for g in glue if len(g.strip()) >= 2}, key=len,
+                       reverse=True)
+        forbidden = "|".join(marks)
         content = f"((?:(?!{forbidden}).)*?)" if forbidden else "(.*?)"
-        pattern = _glue_pattern(glue[0]) + "".join(content + _glue_pattern(g) for g in glue[1:])
+        pattern = self._glue_pattern(glue[0]) + "".join(content + self._glue_pattern(g)
+                                                        for g in glue[1:])
         return _Skeleton(re.compile(pattern, re.DOTALL), roles, sum(map(len, glue)))
+
+    def _glue_pattern(self, glue: str) -> str:
+        """A regex for the template's text between two messages. Its spaces are loose, and
+        loose around added tokens (a legacy SentencePiece tokenizer decodes a space after every
+        special token, so a decoded chat differs from the rendered one in whitespace); text of
+        spaces alone stays exact, so that it still separates two messages."""
+        if not glue.strip():
+            return re.escape(glue)
+        return r"\s*" + self._glue_core(glue) + r"\s*"
+
+    def _glue_core(self, glue: str) -> str:
+        parts = [part for part in self._split_added.split(glue) if part and part.strip()]
+        return r"\s*".join(map(re.escape, parts))
 
     def _render(self, system: bool, turns: int, ending: str) -> Optional[str]:
         """The template's text for a conversation of sentinel messages; None if the template
@@ -213,16 +241,6 @@ class ChatLayout:
             if isinstance(rendered, str):
                 return rendered
         return None
-
-
-def _glue_pattern(glue: str) -> str:
-    """A regex for the template's text between two messages. Its spaces are loose (a legacy
-    SentencePiece tokenizer adds a space after every special token, so decoded chats differ
-    from the rendered one in whitespace); text of spaces alone stays exact, so that it still
-    separates two messages."""
-    if not glue.strip():
-        return re.escape(glue)
-    return r"\s*" + r"\s*".join(map(re.escape, glue.split())) + r"\s*"
 
 
 def _roles(system: bool, turns: int, ending: str) -> Tuple[str, ...]:
@@ -253,13 +271,13 @@ def prompt_positions(ids: Sequence[int], items: Sequence[int], placeholder_ids,
     messages = None
     if prompt == "message":
         if layout is None:
-            _warn_once("zspaprune: no tokenizer with a chat template was given, so the relevance "
+            _warn("zspaprune: no tokenizer with a chat template was given, so the relevance "
                        "prompt is every real text token (prompt='all'), not the user's message; "
                        "pass processor=... (or prompt='all' to silence this)")
         else:
             messages = layout.user_messages(ids)
             if messages is None:
-                _warn_once("zspaprune: a prompt does not match its chat template (written by "
+                _warn("zspaprune: a prompt does not match its chat template (written by "
                            "hand?), so its relevance prompt is every real text token "
                            "(prompt='all') instead of the user's message")
     if messages is None:

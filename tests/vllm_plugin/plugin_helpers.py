@@ -81,7 +81,7 @@ class HFReference:
 
     def __init__(self, folder: str, keep: int, relevance_ratio: float = 0.5):
         from transformers import AutoProcessor
-        from zspaprune_ops.llava import ZSPAPruneLlava
+        from zspaprune_ops.models.llava import ZSPAPruneLlava
         self.processor = AutoProcessor.from_pretrained(folder)
         self.model = ZSPAPruneLlava.from_pretrained(folder, keep=keep,
                                                     relevance_ratio=relevance_ratio)

@@ -22,41 +22,16 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from zspaprune_ops._validate import FEATURE_DTYPES
-from zspaprune_ops.cli import UsageError, describe
+from zspaprune_ops.checkpoint import DEMO_PROMPT, SAMPLE_IMAGE, load_model, prompt_text
+from zspaprune_ops.errors import UsageError
 from zspaprune_ops.eval.data import normalize
 from zspaprune_ops.testing.measure import interleaved_medians, peak_bytes, resident_bytes
 from zspaprune_ops.rule import core_size
 
-SAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "assets" / "sample.png"
 DEFAULT_FRACTIONS = (1 / 2, 1 / 4, 1 / 9, 1 / 20)  # of 256 image tokens: keep 128, 64, 28, 13
 WORLD_SCENE = ("test", 15)
 """The default question: this (split, index) sample of the shapes world, a colour question of the
 test split (``What color is the circle?``) that the shipped model answers right unpruned."""
-
-
-def load(model_path: Optional[str], device: torch.device, dtype: torch.dtype):
-    """(model, processor): ``model_path``'s, or the shipped shapes-world model for None."""
-    from transformers import AutoProcessor
-    from transformers.utils import logging
-
-    from zspaprune_ops.models import ZSPAPruneModel
-    from zspaprune_ops.world.model import SHIPPED_MODEL
-
-    logging.disable_progress_bar()  # the demo prints a table; loading bars would garble it
-    path = str(SHIPPED_MODEL if model_path is None else model_path)
-    wrapped = ZSPAPruneModel.from_pretrained(path, dtype=dtype)
-    return wrapped.model.to(device).eval(), AutoProcessor.from_pretrained(path)
-
-
-def load_model(model_path: Optional[str], device: torch.device, dtype: torch.dtype):
-    """``load`` for the command line: a ``--model`` folder that fails to load is a UsageError."""
-    try:
-        return load(model_path, device, dtype)
-    except Exception as error:  # noqa: BLE001 (a user's folder: any failure is a usage error)
-        if model_path is None:
-            raise
-        raise UsageError(f"--model {model_path}: not a loadable LLaVA, LLaVA-NeXT, Qwen2.5-VL "
-                         f"or Qwen3-VL checkpoint ({describe(error)})") from None
 
 
 def default_inputs(args: argparse.Namespace):
@@ -65,7 +40,6 @@ def default_inputs(args: argparse.Namespace):
     sample picture and ``DEMO_PROMPT`` for ``--model``."""
     from PIL import Image
 
-    from zspaprune_ops.cli import DEMO_PROMPT
     from zspaprune_ops.world import scenes
 
     if args.model is None:
@@ -74,16 +48,6 @@ def default_inputs(args: argparse.Namespace):
         truth = scene.answer if args.image is None and args.prompt is None else None
         return image, args.prompt or scene.question, truth
     return Image.open(args.image or SAMPLE_IMAGE), args.prompt or DEMO_PROMPT, None
-
-
-def prompt_text(processor, prompt: str) -> str:
-    """The chat-formatted prompt with one image placeholder."""
-    if getattr(processor, "chat_template", None):
-        conversation = [{"role": "user", "content": [{"type": "image"},
-                                                     {"type": "text", "text": prompt}]}]
-        return processor.apply_chat_template(conversation, add_generation_prompt=True)
-    image_token = getattr(processor, "image_token", None) or "<image>"
-    return f"USER: {image_token}\n{prompt} ASSISTANT:"
 
 
 WARMUP_ROUNDS = 2

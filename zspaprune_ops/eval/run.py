@@ -51,7 +51,7 @@ def evaluate(model, processor, questions: Sequence[Question], methods: Sequence[
              seed: int = 0, progress: Optional[Callable[[int], None]] = None):
     """Ask every question unpruned and per (method, fraction). Returns (tallies, unpruned
     tally): tallies maps (method, fraction) to a ``Tally``."""
-    from zspaprune_ops.demo import prompt_text
+    from zspaprune_ops.checkpoint import prompt_text
 
     generator = torch.Generator().manual_seed(seed)
     dtype = model.get_input_embeddings().weight.dtype
@@ -122,8 +122,8 @@ def main(args) -> List[dict]:
     from pathlib import Path
 
     from zspaprune_ops._validate import FEATURE_DTYPES
-    from zspaprune_ops.cli import UsageError
-    from zspaprune_ops.demo import load_model
+    from zspaprune_ops.checkpoint import load_model
+    from zspaprune_ops.errors import UsageError
     from zspaprune_ops.eval import data, report
     from zspaprune_ops.eval.methods import Method
     from zspaprune_ops.testing.measure import environment
