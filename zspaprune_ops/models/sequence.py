@@ -33,6 +33,8 @@ class PrunedInputs:
     rope_deltas: int64 [B, 1] (Qwen only): max position + 1 - real tokens per row, the value
         the model's ``rope_deltas`` takes for this sequence.
     model_kwargs: further inputs the language model needs (Qwen3-VL's DeepStack features).
+    forward_kwargs: further inputs of the wrapped model's own forward / generate for the
+        shortened sequence (Gemma 3's token_type_ids).
     """
 
     inputs_embeds: torch.Tensor
@@ -44,6 +46,7 @@ class PrunedInputs:
     video_features: Optional[List[torch.Tensor]] = None
     rope_deltas: Optional[torch.Tensor] = None
     model_kwargs: Dict[str, object] = field(default_factory=dict)
+    forward_kwargs: Dict[str, object] = field(default_factory=dict)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -165,6 +168,49 @@ def kept_index_rows(kept, width: int, device) -> torch.Tensor:
     for row, indices in enumerate(kept):
         rows[row, :indices.numel()] = indices
     return rows
+
+
+def placeholder_runs(placeholders: torch.Tensor) -> List[Tuple[int, int, int]]:
+    """(sample, first position, length) of every maximal run of consecutive True in bool
+    [B, L], in batch order (row-major): the spans of families whose processor writes each
+    image (or each tile group) as one contiguous run between marker tokens."""
+    before = torch.nn.functional.pad(placeholders, (1, 0))[:, :-1]
+    after = torch.nn.functional.pad(placeholders, (0, 1))[:, 1:]
+    firsts = (placeholders & ~before).nonzero().tolist()
+    lasts = (placeholders & ~after).nonzero().tolist()
+    return [(b, p, q - p + 1) for (b, p), (_, q) in zip(firsts, lasts)]
+
+
+def merged_sequence(embeds: torch.Tensor, attention_mask: torch.Tensor, media
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The unpruned sequence's embeddings and which of its tokens the shortened one keeps.
+
+    Args:
+        embeds: [B, L, D] token embeddings; attention_mask: [B, L], 1 = real token.
+        media: per kind of item (images, videos), ``(placeholders, features, kept)``:
+            placeholders bool [B, L], features [N_i, D] per item (filling the placeholders in
+            batch order), kept indices per item.
+    Returns:
+        ([B, L, D]: ``embeds`` with each item's features at its placeholders,
+        bool [B, L]: the real text tokens and the kept placeholders).
+    """
+    keep, full = attention_mask.bool(), embeds
+    for placeholders, features, kept in media:
+        if not len(features):
+            continue
+        keep = keep & (~placeholders | kept_placeholders(placeholders, features, kept))
+        full = full.masked_scatter(placeholders[..., None], torch.cat(features))
+    return full, keep
+
+
+def line_positions(positions: str, attention_mask: torch.Tensor,
+                   compact: "Compaction") -> torch.Tensor:
+    """int64 [B, L'] positions of the shortened sequence for a language model with one position
+    axis: ``"original"``: each kept token's position in the unpruned sequence; ``"compact"``:
+    counted over the shortened sequence (what ``generate`` derives from its mask)."""
+    if check_positions(positions) == "original":
+        return compact.positions(position_ids_from_mask(attention_mask))
+    return position_ids_from_mask(compact.mask())
 
 
 class Compaction:
