@@ -19,8 +19,9 @@ selection + LLM over the shortened sequence. ``selection`` is the op alone on th
 and prompt, and ``selection_share`` its share of the wrapped prefill.
 
 Rows (bench ``e2e_prefill``: impl ``unpruned`` at keep = N, the image's tokens, for any
-``--keep`` >= N; ``zspaprune`` and ``selection`` at smaller budgets) go to ``--out FILE`` (default: a fresh git-ignored file under
-``bench/results/local/``; ``--out bench/results/<device>.json`` adds to the committed results).
+``--keep`` >= N; ``zspaprune`` and ``selection`` at smaller budgets) go to ``--out FILE``
+(default: a fresh git-ignored file under ``bench/results/local/``; ``--out
+bench/results/<device>.json`` adds to the committed results).
 """
 import argparse
 from pathlib import Path

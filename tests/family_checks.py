@@ -3,7 +3,24 @@ tokens of the unpruned sequence, the pruned run against the full run with holes,
 each item is scored against."""
 import torch
 
+import zspaprune_ops
 from zspaprune_ops.choice import zspaprune_selector
+from zspaprune_ops.models.sequence import position_ids_from_mask
+
+
+_models = {}
+
+
+def wrap(folder, default_processor, keep=5, ratio=0.5, attn="sdpa", **kwargs):
+    """``zspaprune_ops.prune`` of the checkpoint in ``folder`` (loaded once per folder and
+    attention implementation), given ``default_processor`` for its chat template unless
+    ``kwargs`` name a ``processor``."""
+    key = (str(folder), attn)
+    if key not in _models:
+        _models[key] = zspaprune_ops.ZSPAPruneModel.from_pretrained(
+            folder, attn_implementation=attn).model
+    kwargs.setdefault("processor", default_processor)
+    return zspaprune_ops.prune(_models[key], keep, ratio, **kwargs)
 
 
 def real_rows(tensor, mask):
@@ -81,3 +98,62 @@ def question_tokens(tokenizer, ids, question, occurrence=-1):
     start = starts[occurrence]
     return [p for p, (a, b) in enumerate(encoded["offset_mapping"])
             if text[max(a, start):min(b, start + len(question))].strip()]
+
+
+def assert_batch_equals_samples(wrapped, inputs, samples, padding_side):
+    """A padded batch equals its samples run alone: the same kept tokens, logits and greedy
+    tokens; the shortened batch keeps the input's padding side. ``samples``: per sample, (its
+    inputs without padding, the slice of ``kept_indices`` rows that are its images)."""
+    with torch.no_grad():
+        pruned = wrapped.prune_inputs(**inputs)
+        logits = wrapped(**inputs).logits
+    new = wrapped.generate(**inputs, max_new_tokens=4, do_sample=False)
+    new = new[:, inputs["input_ids"].shape[1]:]
+    for sample, (alone, images) in enumerate(samples):
+        with torch.no_grad():
+            pruned_alone = wrapped.prune_inputs(**alone)
+            logits_alone = wrapped(**alone).logits
+        assert torch.equal(pruned.kept_indices[images], pruned_alone.kept_indices)
+        row = pruned.attention_mask[sample].bool()
+        torch.testing.assert_close(logits[sample][row], logits_alone[0], rtol=1e-5, atol=1e-5)
+        alone_new = wrapped.generate(**alone, max_new_tokens=4, do_sample=False)
+        assert torch.equal(new[sample], alone_new[0, alone["input_ids"].shape[1]:])
+    side = pruned.attention_mask[:, -1] if padding_side == "left" else pruned.attention_mask[:, 0]
+    assert side.all()
+
+
+def assert_eager_equals_sdpa(load, inputs):
+    """The same kept tokens, logits and greedy tokens with ``load(attn="eager")`` and
+    ``load(attn="sdpa")`` (each a wrapped model)."""
+    results = []
+    for attn in ("eager", "sdpa"):
+        wrapped = load(attn=attn)
+        assert wrapped.model.config._attn_implementation == attn
+        with torch.no_grad():
+            pruned = wrapped.prune_inputs(**inputs)
+            logits = wrapped(**inputs).logits
+        new = wrapped.generate(**inputs, max_new_tokens=4, do_sample=False)
+        results.append((pruned.kept_indices, logits, pruned.attention_mask.bool(), new))
+    (kept_e, logits_e, mask, new_e), (kept_s, logits_s, _, new_s) = results
+    assert torch.equal(kept_e, kept_s)
+    torch.testing.assert_close(logits_e[mask], logits_s[mask], rtol=1e-5, atol=1e-5)
+    assert torch.equal(new_e, new_s)
+
+
+def assert_keep_all_reproduces_the_model(wrapped, inputs):
+    """With ``wrapped.keep`` >= every item's tokens: the unwrapped model's logits exactly (at the
+    real tokens; positions from the mask, as ``generate`` derives them) and its greedy tokens.
+    Returns (PrunedInputs, logits)."""
+    mask = inputs["attention_mask"]
+    with torch.no_grad():
+        pruned = wrapped.prune_inputs(**inputs)
+        logits = wrapped(**inputs).logits
+        reference = wrapped.model(**inputs, position_ids=position_ids_from_mask(mask)).logits
+    assert torch.equal(pruned.attention_mask, mask)
+    for got, want in zip(real_rows(logits, mask), real_rows(reference, mask)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    new = wrapped.generate(**inputs, max_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        full = wrapped.model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert torch.equal(new, full)  # as Hugging Face: the prompt ids, then the new tokens
+    return pruned, logits

@@ -12,8 +12,10 @@ from transformers import AutoProcessor  # noqa: E402
 
 import zspaprune_ops  # noqa: E402
 import zspaprune_ops.reference  # noqa: E402
-from family_checks import (Recorder, assert_pruned_run_equals_full_run_with_holes,  # noqa: E402
-                           kept_flags, question_tokens, real_rows)
+from family_checks import (Recorder, assert_batch_equals_samples,  # noqa: E402
+                           assert_eager_equals_sdpa, assert_keep_all_reproduces_the_model,
+                           assert_pruned_run_equals_full_run_with_holes, kept_flags,
+                           question_tokens, real_rows, wrap)
 from zspaprune_ops import ZSPAPruneModel  # noqa: E402
 from zspaprune_ops.models.gemma3 import ZSPAPruneGemma3  # noqa: E402
 from zspaprune_ops.models.sequence import placeholder_runs, position_ids_from_mask  # noqa: E402
@@ -34,15 +36,9 @@ def folder(tmp_path_factory):
     return tiny_gemma3.build_tiny_gemma3(tmp_path_factory.mktemp("tiny_gemma3"), seed=5)
 
 
-_loaded = {}
-
-
 def load(folder, keep=5, ratio=0.5, attn="sdpa", **kwargs) -> ZSPAPruneGemma3:
-    """The wrapped tiny model (loaded once per attention), its processor's chat template given."""
-    if attn not in _loaded:
-        _loaded[attn] = ZSPAPruneModel.from_pretrained(folder, attn_implementation=attn).model
-    kwargs.setdefault("processor", processor(folder))
-    return zspaprune_ops.prune(_loaded[attn], keep, ratio, **kwargs)
+    """The wrapped tiny model, its processor's chat template given."""
+    return wrap(folder, processor(folder), keep, ratio, attn, **kwargs)
 
 
 def processor(folder):
@@ -90,23 +86,13 @@ def test_keep_everything_reproduces_the_unwrapped_model(folder):
     inputs = batch(folder)
     mask = inputs["attention_mask"]
     assert not mask.all()
-    positions = position_ids_from_mask(mask)
-    with torch.no_grad():
-        pruned = wrapped.prune_inputs(**inputs)
-        logits = wrapped(**inputs).logits
-        reference = wrapped.model(**inputs, position_ids=positions).logits
-        causal = wrapped.model(**{k: v for k, v in inputs.items() if k != "token_type_ids"},
-                               position_ids=positions).logits
-    assert torch.equal(pruned.attention_mask, mask)
+    pruned, logits = assert_keep_all_reproduces_the_model(wrapped, inputs)
     assert torch.equal(pruned.forward_kwargs["token_type_ids"], inputs["token_type_ids"])
-    for got, want, plain in zip(real_rows(logits, mask), real_rows(reference, mask),
-                                real_rows(causal, mask)):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-        assert not torch.allclose(got, plain, atol=1e-3)  # without token_type_ids: causal
-    new = wrapped.generate(**inputs, max_new_tokens=5, do_sample=False)
-    with torch.no_grad():
-        full = wrapped.model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    assert torch.equal(new, full)
+    with torch.no_grad():  # without token_type_ids the model runs causal: another result
+        causal = wrapped.model(**{k: v for k, v in inputs.items() if k != "token_type_ids"},
+                               position_ids=position_ids_from_mask(mask)).logits
+    for got, plain in zip(real_rows(logits, mask), real_rows(causal, mask)):
+        assert not torch.allclose(got, plain, atol=1e-3)
 
 
 @pytest.mark.parametrize("keep,ratio", [(5, 0.5), (20, 1.0), (3, 0.0)])
@@ -255,47 +241,20 @@ def test_sliding_layers_count_the_window_in_kept_tokens(folder, positions):
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_padded_batch_equals_per_sample_runs(folder, padding_side):
-    wrapped = load(folder, keep=6)
     inputs = batch(folder, padding_side=padding_side, seed=5)
     assert not inputs["attention_mask"].all()
-    with torch.no_grad():
-        pruned = wrapped.prune_inputs(**inputs)
-        logits = wrapped(**inputs).logits
-    new = wrapped.generate(**inputs, max_new_tokens=4, do_sample=False)
-    new = new[:, inputs["input_ids"].shape[1]:]
+    samples = []
     for sample, (images, pixels) in enumerate(((slice(0, 1), slice(0, 4)),
                                                (slice(1, 3), slice(4, 8)))):
         real = inputs["attention_mask"][sample].bool()
-        alone = {"input_ids": inputs["input_ids"][sample:sample + 1, real],
-                 "token_type_ids": inputs["token_type_ids"][sample:sample + 1, real],
-                 "pixel_values": inputs["pixel_values"][pixels]}
-        with torch.no_grad():
-            pruned_alone = wrapped.prune_inputs(**alone)
-            logits_alone = wrapped(**alone).logits
-        assert torch.equal(pruned.kept_indices[images], pruned_alone.kept_indices)
-        row = pruned.attention_mask[sample].bool()
-        torch.testing.assert_close(logits[sample][row], logits_alone[0], rtol=1e-5, atol=1e-5)
-        alone_new = wrapped.generate(**alone, max_new_tokens=4, do_sample=False)
-        assert torch.equal(new[sample], alone_new[0, alone["input_ids"].shape[1]:])
-    side = pruned.attention_mask[:, -1] if padding_side == "left" else pruned.attention_mask[:, 0]
-    assert side.all()
+        samples.append(({"input_ids": inputs["input_ids"][sample:sample + 1, real],
+                         "token_type_ids": inputs["token_type_ids"][sample:sample + 1, real],
+                         "pixel_values": inputs["pixel_values"][pixels]}, images))
+    assert_batch_equals_samples(load(folder, keep=6), inputs, samples, padding_side)
 
 
 def test_eager_and_sdpa_attention_give_the_same_results(folder):
-    inputs = batch(folder, seed=9)
-    results = []
-    for attn in ("eager", "sdpa"):
-        wrapped = load(folder, keep=5, attn=attn)
-        assert wrapped.model.config._attn_implementation == attn
-        with torch.no_grad():
-            pruned = wrapped.prune_inputs(**inputs)
-            logits = wrapped(**inputs).logits
-        new = wrapped.generate(**inputs, max_new_tokens=4, do_sample=False)
-        results.append((pruned.kept_indices, logits, pruned.attention_mask.bool(), new))
-    (kept_e, logits_e, mask, new_e), (kept_s, logits_s, _, new_s) = results
-    assert torch.equal(kept_e, kept_s)
-    torch.testing.assert_close(logits_e[mask], logits_s[mask], rtol=1e-5, atol=1e-5)
-    assert torch.equal(new_e, new_s)
+    assert_eager_equals_sdpa(lambda attn: load(folder, keep=5, attn=attn), batch(folder, seed=9))
 
 
 def chat_prompts(folder, pan_and_scan):

@@ -11,8 +11,10 @@ from PIL import Image  # noqa: E402
 
 import zspaprune_ops  # noqa: E402
 import zspaprune_ops.reference  # noqa: E402
-from family_checks import (Recorder, assert_pruned_run_equals_full_run_with_holes,  # noqa: E402
-                           kept_flags, question_tokens, real_rows)
+from family_checks import (Recorder, assert_batch_equals_samples,  # noqa: E402
+                           assert_eager_equals_sdpa, assert_keep_all_reproduces_the_model,
+                           assert_pruned_run_equals_full_run_with_holes, kept_flags,
+                           question_tokens, real_rows, wrap)
 from zspaprune_ops import ZSPAPruneModel  # noqa: E402
 from zspaprune_ops.models.internvl import ZSPAPruneInternVL  # noqa: E402
 from zspaprune_ops.models.sequence import position_ids_from_mask  # noqa: E402
@@ -31,15 +33,9 @@ def folder(tmp_path_factory):
     return tiny_internvl.build_tiny_internvl(tmp_path_factory.mktemp("tiny_internvl"), seed=4)
 
 
-_loaded = {}
-
-
 def load(folder, keep=5, ratio=0.5, attn="sdpa", **kwargs) -> ZSPAPruneInternVL:
-    """The wrapped tiny model (loaded once per attention), its processor's chat template given."""
-    if attn not in _loaded:
-        _loaded[attn] = ZSPAPruneModel.from_pretrained(folder, attn_implementation=attn).model
-    kwargs.setdefault("processor", processor(folder))
-    return zspaprune_ops.prune(_loaded[attn], keep, ratio, **kwargs)
+    """The wrapped tiny model, its processor's chat template given."""
+    return wrap(folder, processor(folder), keep, ratio, attn, **kwargs)
 
 
 def processor(folder, padding_side="left"):
@@ -87,21 +83,9 @@ def kept_tokens(model, inputs, pruned):
 
 
 def test_keep_everything_reproduces_the_unwrapped_model(folder):
-    wrapped = load(folder, keep=10_000)
     inputs = batch(folder, video=True)
-    mask = inputs["attention_mask"]
-    assert not mask.all()
-    with torch.no_grad():
-        pruned = wrapped.prune_inputs(**inputs)
-        logits = wrapped(**inputs).logits
-        reference = wrapped.model(**inputs, position_ids=position_ids_from_mask(mask)).logits
-    assert torch.equal(pruned.attention_mask, mask)
-    for got, want in zip(real_rows(logits, mask), real_rows(reference, mask)):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-    new = wrapped.generate(**inputs, max_new_tokens=5, do_sample=False)
-    with torch.no_grad():
-        full = wrapped.model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    assert torch.equal(new, full)
+    assert not inputs["attention_mask"].all()
+    assert_keep_all_reproduces_the_model(load(folder, keep=10_000), inputs)
 
 
 @pytest.mark.parametrize("keep,ratio", [(5, 0.5), (20, 1.0), (3, 0.0)])
@@ -166,46 +150,19 @@ def test_pruned_run_equals_the_full_run_with_the_pruned_tokens_masked_out(folder
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_padded_batch_equals_per_sample_runs(folder, padding_side):
-    wrapped = load(folder, keep=6)
     inputs = batch(folder, padding_side=padding_side, seed=5)
     assert not inputs["attention_mask"].all()
-    with torch.no_grad():
-        pruned = wrapped.prune_inputs(**inputs)
-        logits = wrapped(**inputs).logits
-    new = wrapped.generate(**inputs, max_new_tokens=4, do_sample=False)
-    new = new[:, inputs["input_ids"].shape[1]:]
+    samples = []
     for sample, (images, tiles) in enumerate(((slice(0, 1), slice(0, 3)),
                                               (slice(1, 3), slice(3, 11)))):
         real = inputs["attention_mask"][sample].bool()
-        alone = {"input_ids": inputs["input_ids"][sample:sample + 1, real],
-                 "pixel_values": inputs["pixel_values"][tiles]}
-        with torch.no_grad():
-            pruned_alone = wrapped.prune_inputs(**alone)
-            logits_alone = wrapped(**alone).logits
-        assert torch.equal(pruned.kept_indices[images], pruned_alone.kept_indices)
-        row = pruned.attention_mask[sample].bool()
-        torch.testing.assert_close(logits[sample][row], logits_alone[0], rtol=1e-5, atol=1e-5)
-        alone_new = wrapped.generate(**alone, max_new_tokens=4, do_sample=False)
-        assert torch.equal(new[sample], alone_new[0, alone["input_ids"].shape[1]:])
-    side = pruned.attention_mask[:, -1] if padding_side == "left" else pruned.attention_mask[:, 0]
-    assert side.all()
+        samples.append(({"input_ids": inputs["input_ids"][sample:sample + 1, real],
+                         "pixel_values": inputs["pixel_values"][tiles]}, images))
+    assert_batch_equals_samples(load(folder, keep=6), inputs, samples, padding_side)
 
 
 def test_eager_and_sdpa_attention_give_the_same_results(folder):
-    inputs = batch(folder, seed=9)
-    results = []
-    for attn in ("eager", "sdpa"):
-        wrapped = load(folder, keep=5, attn=attn)
-        assert wrapped.model.config._attn_implementation == attn
-        with torch.no_grad():
-            pruned = wrapped.prune_inputs(**inputs)
-            logits = wrapped(**inputs).logits
-        new = wrapped.generate(**inputs, max_new_tokens=4, do_sample=False)
-        results.append((pruned.kept_indices, logits, pruned.attention_mask.bool(), new))
-    (kept_e, logits_e, mask, new_e), (kept_s, logits_s, _, new_s) = results
-    assert torch.equal(kept_e, kept_s)
-    torch.testing.assert_close(logits_e[mask], logits_s[mask], rtol=1e-5, atol=1e-5)
-    assert torch.equal(new_e, new_s)
+    assert_eager_equals_sdpa(lambda attn: load(folder, keep=5, attn=attn), batch(folder, seed=9))
 
 
 def chat_prompts(folder, video):

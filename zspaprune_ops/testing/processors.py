@@ -69,6 +69,9 @@ def load_processor(folder):
     with open(os.path.join(folder, CONFIG_NAME)) as handle:
         settings = json.load(handle)
     cls = without_video(getattr(transformers, settings.pop("processor_class")))
+    # a checkpoint's file may also hold its parts' own settings: those load from their files
+    parts = set(cls.get_attributes()) | {"chat_template", "auto_map"}
+    settings = {k: v for k, v in settings.items() if k not in parts}
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return cls(image_processor=AutoImageProcessor.from_pretrained(folder), tokenizer=tokenizer,
                video_processor=None, chat_template=tokenizer.chat_template, **settings)
