@@ -15,8 +15,8 @@ Bidirectional image attention: Gemma 3's language model lets the tokens of one c
 image run attend to each other in both directions, and it learns that only from
 ``token_type_ids`` (1 = image token; without them it silently runs causal; Hugging Face's
 ``generate`` hands them over on the first step only). The wrapper builds ``token_type_ids``
-for the shortened sequence (``PrunedInputs.forward_kwargs``; ``forward`` and ``generate`` pass
-them): the kept tokens of a view stay one
+for the shortened sequence (``PrunedInputs.forward_kwargs``, which ``forward`` and ``generate``
+pass to the model): the kept tokens of a view stay one
 contiguous run, so they attend to each other, and to nothing else, exactly as in the unpruned
 model with the dropped tokens masked out.
 
@@ -162,19 +162,6 @@ class ZSPAPruneGemma3(ZSPAPruneModel):
             cropped = start > 0 and ids[sample][start - 1] == config.boi_token_id and \
                 opening.endswith(before)
         return counts
-
-    def forward(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None,
-                prompt_mask: Optional[torch.Tensor] = None, **kwargs):
-        """As ``ZSPAPruneModel.forward``, with the shortened sequence's ``token_type_ids``."""
-        if pixel_values is None:
-            return super().forward(input_ids, None, attention_mask, prompt_mask, **kwargs)
-        visual = self._split_visual(kwargs)
-        pruned = self.prune_inputs(input_ids, pixel_values, attention_mask,
-                                   prompt_mask=prompt_mask, **visual)
-        return self.model(inputs_embeds=pruned.inputs_embeds,
-                          attention_mask=pruned.attention_mask,
-                          position_ids=pruned.position_ids, **pruned.forward_kwargs, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,

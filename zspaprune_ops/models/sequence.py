@@ -33,8 +33,8 @@ class PrunedInputs:
     rope_deltas: int64 [B, 1] (Qwen only): max position + 1 - real tokens per row, the value
         the model's ``rope_deltas`` takes for this sequence.
     model_kwargs: further inputs the language model needs (Qwen3-VL's DeepStack features).
-    forward_kwargs: further inputs of the wrapped model's own forward / generate for the
-        shortened sequence (Gemma 3's token_type_ids).
+    forward_kwargs: further inputs of the wrapped model's forward / generate for the shortened
+        sequence (Gemma 3's token_type_ids).
     """
 
     inputs_embeds: torch.Tensor
