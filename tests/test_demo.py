@@ -260,9 +260,10 @@ def test_qwen_tokens_tile_the_resized_image():
 
 
 def test_demo_runs_a_qwen_checkpoint(tmp_path):
-    """``--model`` takes every supported family (Qwen's processor needs torchvision)."""
-    pytest.importorskip("torchvision", reason="transformers' Qwen processors need torchvision")
+    """``--model`` takes every supported family; Qwen with or without torchvision (without it,
+    ``zspaprune_ops.qwen_processor`` builds the inputs)."""
     from zspaprune_ops.testing.tiny_qwen import build_tiny_qwen
+
     folder = build_tiny_qwen(tmp_path / "qwen", "qwen2_5_vl")
     result = run_demo("--model", str(folder), "--keep", "8", "--out", str(tmp_path / "kept.png"))
     assert [row.keep for row in result.rows] == [None, 8] and len(result.rows[1].kept) == 8
