@@ -6,9 +6,10 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+import zspaprune_ops  # noqa: E402
 from zspaprune_ops.cli import main  # noqa: E402
 from zspaprune_ops.eval import data, run  # noqa: E402
-from zspaprune_ops.eval.methods import baseline_prune, random_pick, uniform_pick  # noqa: E402
+from zspaprune_ops.eval.methods import baseline_selector, random_pick, uniform_pick  # noqa: E402
 from zspaprune_ops.testing.tiny_llava import build_model  # noqa: E402
 from zspaprune_ops.world import scenes  # noqa: E402
 
@@ -49,8 +50,10 @@ def test_random_selection_keeping_every_token_is_the_unpruned_model():
     pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         unpruned = model(input_ids=input_ids, pixel_values=pixels).logits
-        pruned = baseline_prune(model, 16, "random", torch.Generator())(input_ids, pixels).logits
-        fewer = baseline_prune(model, 8, "random", torch.Generator())(input_ids, pixels).logits
+        pruned = zspaprune_ops.prune(model, 16, selector=baseline_selector(
+            "random", torch.Generator()))(input_ids, pixels).logits
+        fewer = zspaprune_ops.prune(model, 8, selector=baseline_selector(
+            "random", torch.Generator()))(input_ids, pixels).logits
     torch.testing.assert_close(pruned, unpruned)
     assert fewer.shape[1] == unpruned.shape[1] - 8
 

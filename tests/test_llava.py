@@ -1,4 +1,6 @@
 """ZSPAPruneLlava on tiny offline LLaVA / LLaVA-NeXT models (random weights, built per session)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ from PIL import Image  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
+import zspaprune_ops  # noqa: E402
 import zspaprune_ops.reference  # noqa: E402
 from zspaprune_ops.models.llava import ZSPAPruneLlava  # noqa: E402
 from zspaprune_ops.models.sequence import position_ids_from_mask  # noqa: E402
@@ -149,7 +152,7 @@ def test_keep_everything_reproduces_the_unwrapped_model(folders, kind):
     new = wrapped.generate(**inputs, max_new_tokens=6, do_sample=False)
     with torch.no_grad():
         full = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    assert torch.equal(new, full[:, inputs["input_ids"].shape[1]:])
+    assert torch.equal(new, full)  # as Hugging Face: the prompt ids, then the new tokens
 
 
 @pytest.mark.parametrize("kind,dtype", [("llava", torch.float32), ("llava", torch.bfloat16),
@@ -229,6 +232,7 @@ def test_padded_batch_equals_per_sample_runs(folders, kind, padding_side):
         pruned = wrapped.prune_inputs(**inputs)
         logits = wrapped(**inputs).logits
     new = wrapped.generate(**inputs, max_new_tokens=5, do_sample=False)
+    new = new[:, inputs["input_ids"].shape[1]:]
     first = 0
     for sample, (prompt, mine) in enumerate(zip(prompts, per_sample)):
         alone = batch(folders, kind, [prompt], mine, seed=5)
@@ -244,7 +248,7 @@ def test_padded_batch_equals_per_sample_runs(folders, kind, padding_side):
         real = pruned.attention_mask[sample].bool()
         torch.testing.assert_close(logits[sample][real], logits_alone[0], rtol=1e-5, atol=1e-5)
         new_alone = wrapped.generate(**alone, max_new_tokens=5, do_sample=False)
-        assert torch.equal(new[sample], new_alone[0])
+        assert torch.equal(new[sample], new_alone[0, alone["input_ids"].shape[1]:])
         first += len(mine)
     side = pruned.attention_mask[:, -1] if padding_side == "left" else pruned.attention_mask[:, 0]
     assert side.all()  # the shortened batch keeps the input's padding side
@@ -312,20 +316,24 @@ def test_torch_compile_of_the_wrapped_forward(folders):
         features = torch.stack(image_features(wrapped.model, inputs))
         embeds = wrapped.model.get_input_embeddings()(inputs["input_ids"])
         prompt_mask = inputs["input_ids"] != wrapped.model.config.image_token_id
-        select = torch.compile(wrapped._select, backend="aot_eager", fullgraph=True)
-        kept = select(features, embeds, prompt_mask, None)
+        select = torch.compile(wrapped.selector, backend="aot_eager", fullgraph=True)
+        kept = select(features, embeds, 5, 0.5, prompt_mask, None)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-    assert torch.equal(kept, wrapped._select(features, embeds, prompt_mask, None))
+    assert torch.equal(kept, wrapped.selector(features, embeds, 5, 0.5, prompt_mask, None))
 
 
 def test_bad_arguments_raise_clear_errors(folders):
     model = load(folders, "llava").model
     inputs = batch(folders, "llava", PROMPTS[:1], [(32, 32)])
     for kwargs, error, words in [
-            (dict(keep=0), ValueError, "keep"), (dict(keep=2.0), TypeError, "keep"),
+            (dict(keep=0), ValueError, "keep"), (dict(keep=2.0), ValueError, r"\(0, 1\]"),
+            (dict(keep="8"), TypeError, "keep"),
             (dict(relevance_ratio=1.5), ValueError, "relevance_ratio"),
             (dict(relevance_ratio="half"), TypeError, "relevance_ratio"),
-            (dict(backend="cuda"), ValueError, "backend")]:
+            (dict(backend="cuda"), ValueError, "backend"),
+            (dict(prompt="question"), ValueError, r"prompt must be one of \('message', 'all'\)"),
+            (dict(selector=3), TypeError, "selector must be callable"),
+            (dict(selector=print, backend="reference"), ValueError, "either selector or backend")]:
         with pytest.raises(error, match=words):
             ZSPAPruneLlava(model, **kwargs)
     with pytest.raises(TypeError, match="model"):
@@ -382,7 +390,7 @@ def test_text_only_inputs_pass_through(folders):
         full = wrapped.model.generate(**inputs, max_new_tokens=4, do_sample=False)
         logits = wrapped(**inputs).logits
         reference = wrapped.model(**inputs).logits
-    assert torch.equal(new, full[:, inputs["input_ids"].shape[1]:])
+    assert torch.equal(new, full)
     assert torch.equal(logits, reference)
 
 
@@ -413,19 +421,121 @@ def test_original_positions_equal_the_full_run_with_the_pruned_tokens_masked_out
     for got, want in zip(real_rows(logits, pruned.attention_mask), real_rows(full, holes)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     steps = original.generate(**inputs, max_new_tokens=3, do_sample=False)
+    steps = steps[:, inputs["input_ids"].shape[1]:]
     assert torch.equal(steps[:, 0], full[:, -1].argmax(-1))  # left-padded: -1 is the last token
 
 
-def test_front_door_wraps_llava_and_a_negative_index_raises(folders, monkeypatch):
+def test_front_door_wraps_llava_and_a_negative_index_raises(folders):
     import zspaprune_ops
     from zspaprune_ops import ZSPAPruneModel
 
     model = load(folders, "llava").model
-    wrapped = zspaprune_ops.prune(model, keep=4)
+    wrapped = zspaprune_ops.prune(model, keep=4, selector=lambda visual, prompt, keep, *rest:
+                                  torch.full((visual.shape[0], keep), -1, dtype=torch.int64))
     assert type(wrapped) is ZSPAPruneLlava and wrapped.unwrap() is model
     assert type(ZSPAPruneModel.from_pretrained(folders["llava_next"])) is ZSPAPruneLlava
     inputs = batch(folders, "llava", PROMPTS[:1], [(32, 32)])
-    monkeypatch.setattr(wrapped, "_select", lambda visual, *rest: torch.full(
-        (visual.shape[0], wrapped.keep), -1, dtype=torch.int64))
     with pytest.raises(RuntimeError, match="negative index"):
         wrapped.prune_inputs(**inputs)
+
+
+# ------------------------------------------------------------------ the relevance prompt
+REAL_TEMPLATE = (Path(__file__).parent / "data" / "chat_templates" / "llava_1_5.jinja").read_text()
+SYSTEM = "You are a careful assistant. Look twice."
+CHAT_QUESTIONS = ("Where is the cat?", "How many objects are there, left and right?")
+
+
+def chat(turns, images=(1, 2)):
+    messages = [{"role": "system", "content": [{"type": "text", "text": SYSTEM}]}]
+    for k in range(turns):
+        if k:
+            messages.append({"role": "assistant",
+                             "content": [{"type": "text", "text": "A red square."}]})
+        messages.append({"role": "user", "content": [{"type": "image"}] * images[k] +
+                         [{"type": "text", "text": CHAT_QUESTIONS[k]}]})
+    return messages
+
+
+class Recorder:
+    """A selector that records each call's prompt rows and runs ZSPAPrune."""
+
+    def __init__(self):
+        from zspaprune_ops.choice import zspaprune_selector
+
+        self.select, self.prompts = zspaprune_selector(), []
+
+    def __call__(self, visual, prompt, keep, ratio, prompt_mask, visual_mask):
+        self.prompts += [row[mask] for row, mask in zip(prompt, prompt_mask)]
+        return self.select(visual, prompt, keep, ratio, prompt_mask, visual_mask)
+
+
+def question_tokens(tokenizer, ids, question):
+    """Positions of the tokens carrying the last occurrence of ``question`` (from offsets)."""
+    text = tokenizer.decode(ids)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert encoded["input_ids"] == ids
+    start = text.rindex(question)
+    return [p for p, (a, b) in enumerate(encoded["offset_mapping"])
+            if text[max(a, start):min(b, start + len(question))].strip()]
+
+
+def chat_inputs(folders, turns, seed=3):
+    proc = processor(folders, "llava")
+    proc.chat_template = REAL_TEMPLATE
+    text = proc.apply_chat_template(chat(turns), add_generation_prompt=True)
+    count = sum((1, 2)[:turns])
+    return proc, dict(proc(images=images(seed, [(32, 32)] * count), text=[text],
+                           return_tensors="pt"))
+
+
+def test_each_image_is_scored_against_its_own_user_message(folders):
+    proc, inputs = chat_inputs(folders, turns=2)
+    recorder = Recorder()
+    model = load(folders, "llava").model
+    wrapped = zspaprune_ops.prune(model, keep=4, processor=proc, selector=recorder)
+    wrapped.prune_inputs(**inputs)
+    ids = inputs["input_ids"][0].tolist()
+    embeds = model.get_input_embeddings()(inputs["input_ids"])[0]
+    first, second = (question_tokens(proc.tokenizer, ids, q) for q in CHAT_QUESTIONS)
+    words = proc.tokenizer.decode([ids[p] for p in second])  # blank tokens are not prompt
+    assert "".join(words.split()) == "".join(CHAT_QUESTIONS[1].split())
+    assert len(recorder.prompts) == 3
+    for got, positions in zip(recorder.prompts, (first, second, second)):
+        assert torch.equal(got, embeds[positions])
+    # prompt="all": every real text token, the system prompt and the template included
+    recorder.prompts.clear()
+    zspaprune_ops.prune(model, keep=4, processor=proc, prompt="all",
+                        selector=recorder).prune_inputs(**inputs)
+    text = inputs["input_ids"][0] != model.config.image_token_id
+    assert all(torch.equal(got, embeds[text]) for got in recorder.prompts)
+    # an explicit prompt_mask wins over both
+    recorder.prompts.clear()
+    mask = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    mask[0, first] = True
+    wrapped.prune_inputs(**inputs, prompt_mask=mask)
+    assert all(torch.equal(got, embeds[first]) for got in recorder.prompts)
+
+
+def test_a_later_turn_changes_no_earlier_selection(folders):
+    proc, one_turn = chat_inputs(folders, turns=1)
+    _, two_turns = chat_inputs(folders, turns=2)  # the same first image (same seed), one more turn
+    assert torch.equal(one_turn["pixel_values"][0], two_turns["pixel_values"][0])
+    wrapped = zspaprune_ops.prune(load(folders, "llava").model, keep=4, processor=proc)
+    with torch.no_grad():
+        alone = wrapped.prune_inputs(**one_turn).kept_indices
+        later = wrapped.prune_inputs(**two_turns).kept_indices
+    assert torch.equal(alone[0], later[0])
+    with torch.no_grad():  # the whole transcript as the prompt: the second turn moves the first
+        everything = zspaprune_ops.prune(wrapped.model, keep=4, relevance_ratio=1.0,
+                                         processor=proc, prompt="all")
+        moved = [everything.prune_inputs(**x).kept_indices[0] for x in (one_turn, two_turns)]
+    assert not torch.equal(*moved)
+
+
+def test_from_pretrained_finds_the_chat_template_and_warns_without_one(folders):
+    wrapped = ZSPAPruneLlava.from_pretrained(folders["llava"], keep=4)
+    assert wrapped.layout is not None and wrapped.prompt == "message"
+    bare = ZSPAPruneLlava(wrapped.model, keep=4)
+    inputs = batch(folders, "llava", PROMPTS[:1], [(32, 32)])
+    with pytest.warns(UserWarning, match="no tokenizer with a chat template"):
+        bare.prune_inputs(**inputs)

@@ -1,4 +1,7 @@
 """ZSPAPruneQwen2_5_VL / ZSPAPruneQwen3VL on tiny offline models (random weights, built per session)."""
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -139,7 +142,7 @@ def test_keep_everything_reproduces_the_unwrapped_model(folders, kind):
     new = wrapped.generate(**inputs, max_new_tokens=5, do_sample=False)
     with torch.no_grad():
         full = wrapped.model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    assert torch.equal(new, full[:, inputs["input_ids"].shape[1]:])
+    assert torch.equal(new, full)  # as Hugging Face: the prompt ids, then the new tokens
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -196,6 +199,8 @@ def test_pruned_run_equals_the_full_run_with_the_pruned_tokens_masked_out(folder
     with torch.no_grad():
         pruned = wrapped.prune_inputs(**inputs)
         logits = wrapped(**inputs).logits
+    assert torch.equal(out.kept_indices, pruned.kept_indices)  # from the same call
+    assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + steps
     holes = kept_tokens(wrapped.model, inputs, pruned).long()
     positions = original_positions(wrapped.model, inputs)
     ids = inputs["input_ids"]
@@ -208,7 +213,7 @@ def test_pruned_run_equals_the_full_run_with_the_pruned_tokens_masked_out(folder
             for got, want in zip(real(logits, pruned.attention_mask), real(full, holes)):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(out.logits[step], full[:, -1], rtol=1e-4, atol=1e-4)
-        token = out.sequences[:, step:step + 1]
+        token = out.sequences[:, inputs["input_ids"].shape[1] + step][:, None]
         assert torch.equal(token[:, 0], full[:, -1].argmax(-1))
         ids = torch.cat([ids, token], 1)
         holes = torch.cat([holes, torch.ones_like(token)], 1)
@@ -230,6 +235,7 @@ def test_padded_batch_equals_per_sample_runs(folders, kind, padding_side):
         pruned = wrapped.prune_inputs(**inputs)
         logits = wrapped(**inputs).logits
     new = wrapped.generate(**inputs, max_new_tokens=4, do_sample=False)
+    new = new[:, inputs["input_ids"].shape[1]:]
     grids = inputs["image_grid_thw"].prod(-1).tolist()
     first = 0
     for sample, count in enumerate((2, 1)):
@@ -251,8 +257,8 @@ def test_padded_batch_equals_per_sample_runs(folders, kind, padding_side):
         row = pruned.attention_mask[sample].bool()
         assert torch.equal(pruned.position_ids[:, sample][:, row], pruned_alone.position_ids[:, 0])
         torch.testing.assert_close(logits[sample][row], logits_alone[0], rtol=1e-4, atol=1e-4)
-        assert torch.equal(new[sample], wrapped.generate(**alone, max_new_tokens=4,
-                                                         do_sample=False)[0])
+        alone_new = wrapped.generate(**alone, max_new_tokens=4, do_sample=False)
+        assert torch.equal(new[sample], alone_new[0, alone["input_ids"].shape[1]:])
         first += count
     side = pruned.attention_mask[:, -1] if padding_side == "left" else pruned.attention_mask[:, 0]
     assert side.all()
@@ -315,7 +321,7 @@ def test_bad_arguments_raise_clear_errors(folders, kind):
     model = wrapped.model
     inputs = batch(folders, kind, images_per_sample=(1,))
     for kwargs, error, words in [
-            (dict(keep=0), ValueError, "keep"), (dict(keep=2.0), TypeError, "keep"),
+            (dict(keep=0), ValueError, "keep"), (dict(keep=2.0), ValueError, "keep"),
             (dict(relevance_ratio=1.5), ValueError, "relevance_ratio"),
             (dict(backend="cuda"), ValueError, "backend"),
             (dict(positions="shifted"), ValueError, "positions")]:
@@ -337,14 +343,70 @@ def test_bad_arguments_raise_clear_errors(folders, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_negative_index_from_the_op_raises_instead_of_becoming_a_position(folders, kind,
-                                                                           monkeypatch):
-    wrapped = load(folders, kind, keep=4)
+def test_a_negative_index_from_the_op_raises_instead_of_becoming_a_position(folders, kind):
+    def failed(visual, prompt, keep, ratio, prompt_mask, visual_mask):  # the op's GPU failure
+        return torch.full((visual.shape[0], keep), -1, dtype=torch.int64)
+
+    wrapped = zspaprune_ops.prune(load(folders, kind, keep=4).model, keep=4, selector=failed)
     inputs = batch(folders, kind, images_per_sample=(1,))
-
-    def failed(visual, prompt, prompt_mask, visual_mask):  # the op's GPU failure case
-        return torch.full((visual.shape[0], wrapped.keep), -1, dtype=torch.int64)
-
-    monkeypatch.setattr(wrapped, "_select", failed)
     with pytest.raises(RuntimeError, match="negative index"):
         wrapped.prune_inputs(**inputs)
+
+
+# ------------------------------------------------------------------ the relevance prompt
+TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
+CHAT_QUESTIONS = ("Where is the cat?", "How many objects are there, left and right?")
+
+
+class Recorder:
+    """A selector that records each call's prompt rows and runs ZSPAPrune."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def __call__(self, visual, prompt, keep, ratio, prompt_mask, visual_mask):
+        self.prompts += [row[mask] for row, mask in zip(prompt, prompt_mask)]
+        return torch.ops.zspaprune.select(visual, prompt, keep, ratio, prompt_mask, visual_mask)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_image_is_scored_against_its_own_user_message(folders, kind):
+    """The checkpoint's real template (Qwen2.5-VL's inserts a default system prompt; here a
+    custom one), two turns, one image then two: each image's prompt is its question."""
+    tokenizer, image_processor = tools(folders, kind)
+    template = (TEMPLATES / f"{kind}.jinja").read_text()
+    messages = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                {"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": CHAT_QUESTIONS[0]}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "On the left."}]},
+                {"role": "user", "content": [{"type": "text", "text": CHAT_QUESTIONS[1]},
+                                             {"type": "image"}, {"type": "image"}]}]
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=True)
+    rng = np.random.default_rng(4)
+    pictures = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+                for h, w in SIZES[:3]]
+    inputs = encode(tokenizer, image_processor, [text], pictures)
+    recorder = Recorder()
+    checkpoint = SimpleNamespace(tokenizer=tokenizer, chat_template=template)  # a processor
+    wrapped = load(folders, kind, keep=3, selector=recorder, processor=checkpoint)
+    wrapped.prune_inputs(**inputs)
+    ids = inputs["input_ids"][0].tolist()
+    embeds = wrapped.model.get_input_embeddings()(inputs["input_ids"])[0]
+    decoded = tokenizer.decode(ids)
+    offsets = tokenizer(decoded, return_offsets_mapping=True)["offset_mapping"]
+
+    def question(q):
+        start = decoded.index(q)
+        return [p for p, (a, b) in enumerate(offsets)
+                if decoded[max(a, start):min(b, start + len(q))].strip()]
+
+    first, second = question(CHAT_QUESTIONS[0]), question(CHAT_QUESTIONS[1])
+    assert len(recorder.prompts) == 3
+    for got, positions in zip(recorder.prompts, (first, second, second)):
+        assert torch.equal(got, embeds[positions])
+
+
+def test_from_pretrained_finds_the_template_without_torchvision(folders):
+    wrapped = ZSPAPruneModel.from_pretrained(folders["qwen2_5_vl"], keep=4)
+    assert wrapped.layout is not None  # from chat_template.jinja, through the tokenizer

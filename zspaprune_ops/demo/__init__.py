@@ -122,7 +122,7 @@ def run(model, processor, image, prompt: str, keeps, relevance_ratio: float,
             rows.append(BudgetResult(None, input_length, time_s, memory,
                                      decode(new_tokens, skip_special_tokens=True)))
             continue
-        new_tokens = wrapped.generate(**inputs, **generate_kwargs)[0]
+        new_tokens = wrapped.generate(**inputs, **generate_kwargs)[0, input_length:]
         kept = [index for index in pruned.kept_indices[0].tolist() if index >= 0]
         core = relevance_core(model, inputs, keep, relevance_ratio, kept)
         rows.append(BudgetResult(keep, pruned.inputs_embeds.shape[1], time_s, memory,

@@ -8,7 +8,7 @@ language model the shortened sequence:
   evenly spaced rows with evenly spaced tokens in each (``keep`` in all); otherwise every
   ``N / keep``-th candidate in raster order.
 
-The baselines replace only the choice of indices (the wrapper's ``_select``): the vision tower,
+The baselines replace only the choice of indices (the wrapper's ``selector``): the vision tower,
 the candidates (LLaVA-NeXT's newlines excluded) and the shortened sequence are the same for
 every method.
 """
@@ -37,28 +37,28 @@ class Method:
         extra = {0.0: " (DivPrune)", 1.0: " (relevance only)"}.get(self.ratio, "")
         return f"ratio {self.ratio:g}{extra}"
 
-    def wrap(self, model, keep: int, generator: torch.Generator):
+    def wrap(self, model, keep: int, generator: torch.Generator, processor=None):
         if self.name == "zspaprune":
-            return zspaprune_ops.prune(model, keep=keep, relevance_ratio=self.ratio)
-        return baseline_prune(model, keep, self.name, generator)
+            return zspaprune_ops.prune(model, keep=keep, relevance_ratio=self.ratio,
+                                       processor=processor)
+        return zspaprune_ops.prune(model, keep=keep, selector=baseline_selector(self.name,
+                                                                                generator))
 
 
-def baseline_prune(model, keep: int, method: str, generator: torch.Generator):
-    """The family's pruning wrapper of ``model`` with the op replaced by ``random_pick``
-    (drawing from ``generator``) or ``uniform_pick``."""
+def baseline_selector(method: str, generator: torch.Generator):
+    """A ``zspaprune_ops.choice.Selector`` picking by ``random_pick`` (drawing from
+    ``generator``) or ``uniform_pick`` instead of ZSPAPrune."""
     if method not in BASELINES:
         raise ValueError(f"method must be one of {BASELINES}, got {method!r}")
-    wrapper = zspaprune_ops.prune(model, keep=keep)
 
-    def select(visual, prompt, prompt_mask, visual_mask) -> torch.Tensor:
+    def select(visual, prompt, keep, relevance_ratio, prompt_mask, visual_mask) -> torch.Tensor:
         if visual_mask is None:
             visual_mask = torch.ones(visual.shape[:2], dtype=torch.bool, device=visual.device)
         rows = [random_pick(mask, keep, generator) if method == "random"
                 else uniform_pick(mask, keep) for mask in visual_mask]
         return torch.stack(rows).to(visual.device)
 
-    wrapper._select = select  # the one step every family delegates the choice of indices to
-    return wrapper
+    return select
 
 
 def random_pick(candidates: torch.Tensor, keep: int, generator: torch.Generator) -> torch.Tensor:

@@ -79,9 +79,9 @@ def evaluate(model, processor, questions: Sequence[Question], methods: Sequence[
                     continue
                 key = (method, keep)
                 if key not in wrappers:
-                    wrappers[key] = method.wrap(model, keep, generator)
+                    wrappers[key] = method.wrap(model, keep, generator, processor)
                 with torch.inference_mode():
-                    answer = decode(wrappers[key].generate(**inputs, **options)[0],
+                    answer = decode(wrappers[key].generate(**inputs, **options)[0, length:],
                                     skip_special_tokens=True)
                 tallies[method, fraction].add(normalize(answer), truths, unpruned, keep)
         if progress is not None:

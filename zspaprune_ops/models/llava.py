@@ -19,9 +19,10 @@ from typing import List, Optional
 
 import torch
 
+from zspaprune_ops.choice import candidates_without
 from zspaprune_ops.models.base import ZSPAPruneModel
-from zspaprune_ops.models.sequence import (Compaction, PrunedInputs, check_text, choose,
-                                           describe, item_samples, kept_index_rows,
+from zspaprune_ops.models.sequence import (Compaction, PrunedInputs, check_text,
+                                           describe_value, item_starts, kept_index_rows,
                                            kept_placeholders, position_ids_from_mask)
 
 
@@ -52,25 +53,26 @@ class ZSPAPruneLlava(ZSPAPruneModel):
                 [num_images, tiles, 3, H, W] for LLaVA-NeXT).
             attention_mask: [B, L], 1 = real token (default: all real).
             image_sizes: int [num_images, 2] (LLaVA-NeXT only; required there).
-            prompt_mask: bool [B, L], True = token that forms the prompt vector. Default: every
-                real non-image token. Image placeholders never count.
+            prompt_mask: bool [B, L], True = token that forms the prompt vector of every image
+                of its sample (image placeholders never count). Default: the wrapper's
+                ``prompt`` setting (the user message holding each image).
             padding_side: ``"left"`` or ``"right"`` for the shortened batch (rows lose different
                 counts). Default: right if the input is right-padded, else left.
         """
         attention_mask, prompt_mask, padding_side = check_text(input_ids, attention_mask,
                                                                prompt_mask, padding_side)
         if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(f"pixel_values must be a torch.Tensor, got {describe(pixel_values)}")
+            raise TypeError("pixel_values must be a torch.Tensor, got "
+                            f"{describe_value(pixel_values)}")
         if self.is_next and image_sizes is None:
             raise ValueError("image_sizes is required for LLaVA-NeXT (the processor returns it)")
         placeholders = input_ids == self.model.config.image_token_id
         embeds = self.model.get_input_embeddings()(input_ids)
         features = [f.to(embeds.dtype) for f in self._image_features(pixel_values, image_sizes)]
-        samples = item_samples(placeholders, features)
-        prompt_mask = prompt_mask & attention_mask.bool() & ~placeholders
+        starts = item_starts(placeholders, features)
         candidates = [self._content(f) for f in features]
-        choice = choose(features, candidates, self.keep, embeds, prompt_mask, samples,
-                        self._select)
+        choice = self.choose(input_ids, attention_mask, prompt_mask, embeds, placeholders,
+                             features, starts, candidates)
         keep = attention_mask.bool() & (~placeholders | kept_placeholders(placeholders, features,
                                                                           choice.kept))
         full = embeds.masked_scatter(placeholders[..., None], torch.cat(features))
@@ -81,7 +83,8 @@ class ZSPAPruneLlava(ZSPAPruneModel):
         else:
             positions = position_ids_from_mask(mask)
         return PrunedInputs(compact(full), mask, positions,
-                            kept_index_rows(choice.kept, self.keep, embeds.device), features)
+                            kept_index_rows(choice.kept, self.kept_width(features), embeds.device),
+                            features)
 
     def _image_features(self, pixel_values, image_sizes) -> List[torch.Tensor]:
         """Projector outputs per image, [N_i, D] each (LLaVA-NeXT: packed, newlines included)."""
@@ -96,12 +99,10 @@ class ZSPAPruneLlava(ZSPAPruneModel):
         return list(out.pooler_output)
 
     def _content(self, feature: torch.Tensor) -> Optional[torch.Tensor]:
-        """bool [N]: the candidates of an image with more than ``keep`` tokens: all but
-        LLaVA-NeXT's image-newline tokens (None: all of them)."""
+        """bool [N]: an image's candidates: all but LLaVA-NeXT's image-newline tokens (None:
+        all of them)."""
         newline = getattr(self.model.model, "image_newline", None) if self.is_next else None
-        if newline is None or feature.shape[0] <= self.keep:
-            return None
-        return ~(feature == newline.to(feature)).all(dim=-1)
+        return candidates_without(feature, newline)
 
 
 __all__ = ["ZSPAPruneLlava", "PrunedInputs", "position_ids_from_mask"]

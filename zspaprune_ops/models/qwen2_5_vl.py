@@ -19,8 +19,8 @@ from typing import List, Optional
 import torch
 
 from zspaprune_ops.models.base import ZSPAPruneModel
-from zspaprune_ops.models.sequence import (Compaction, PrunedInputs, check_text, choose,
-                                           describe, item_samples, kept_index_rows,
+from zspaprune_ops.models.sequence import (Compaction, PrunedInputs, check_text,
+                                           describe_value, item_starts, kept_index_rows,
                                            kept_placeholders, position_ids_from_mask)
 
 IMAGE, VIDEO = 1, 2  # mm_token_type_ids (0: text), as Qwen's processors write them
@@ -68,9 +68,9 @@ class ZSPAPruneQwen2_5_VL(ZSPAPruneModel):
             pixel_values_videos, video_grid_thw, second_per_grid_ts: the videos, likewise.
             attention_mask: [B, L], 1 = real token (default: all real).
             mm_token_type_ids: accepted for the processor's sake; recomputed from input_ids.
-            prompt_mask: bool [B, L], True = token that forms the prompt vector. Default: every
-                real text token (system prompt and chat-template tokens included); image and
-                video placeholders never count.
+            prompt_mask: bool [B, L], True = token that forms the prompt vector of every item
+                of its sample (placeholders never count). Default: the wrapper's ``prompt``
+                setting (the user message holding each image or video).
             padding_side: ``"left"`` or ``"right"`` for the shortened batch. Default: right if
                 the input is right-padded, else left.
         """
@@ -82,14 +82,13 @@ class ZSPAPruneQwen2_5_VL(ZSPAPruneModel):
                              embeds.dtype)
         media = [m for m in (images, videos) if m is not None]
         features = [f for m in media for f in m.features]
-        samples = [s for m in media for s in item_samples(m.placeholders, m.features, m.name)]
+        starts = [s for m in media for s in item_starts(m.placeholders, m.features, m.name)]
         config = self.model.config
         type_ids = IMAGE * (input_ids == config.image_token_id).long() + \
             VIDEO * (input_ids == config.video_token_id).long()
         placeholders = type_ids > 0
-        prompt_mask = prompt_mask & attention_mask.bool() & ~placeholders
-        choice = choose(features, [None] * len(features), self.keep, embeds, prompt_mask,
-                        samples, self._select)
+        choice = self.choose(input_ids, attention_mask, prompt_mask, embeds, placeholders,
+                             features, starts)
         keep, full, first = ~placeholders, embeds, 0
         for m in media:
             m.kept = choice.kept[first:first + len(m.features)]
@@ -110,11 +109,15 @@ class ZSPAPruneQwen2_5_VL(ZSPAPruneModel):
             positions = position_ids_from_mask(mask)[None].expand(3, -1, -1)
         deltas = positions.masked_fill(mask[None] == 0, -1).amax(dim=(0, 2)) + 1 - mask.sum(1)
         pruned = PrunedInputs(compact(full), mask, positions, rope_deltas=deltas[:, None],
-                              kept_indices=kept_index_rows(images.kept if images else [],
-                                                           self.keep, embeds.device),
+                              kept_indices=kept_index_rows(
+                                  images.kept if images else [],
+                                  self.kept_width(images.features if images else []),
+                                  embeds.device),
                               image_features=images.features if images else [])
         if videos is not None:
-            pruned.kept_video_indices = kept_index_rows(videos.kept, self.keep, embeds.device)
+            pruned.kept_video_indices = kept_index_rows(videos.kept,
+                                                        self.kept_width(videos.features),
+                                                        embeds.device)
             pruned.video_features = videos.features
         self._extra_inputs(pruned, media, compact)
         return pruned
@@ -129,7 +132,7 @@ class ZSPAPruneQwen2_5_VL(ZSPAPruneModel):
             return None
         if not isinstance(pixels, torch.Tensor) or not isinstance(grid, torch.Tensor):
             raise TypeError(f"{pixels_name} and {name}_grid_thw must be tensors, got "
-                            f"{describe(pixels)} and {describe(grid)}")
+                            f"{describe_value(pixels)} and {describe_value(grid)}")
         encode = self.model.get_image_features if name == "image" else \
             self.model.get_video_features
         encoded = encode(pixels, grid, return_dict=True)

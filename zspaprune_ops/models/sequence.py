@@ -1,15 +1,16 @@
-"""Sequence surgery shared by every family: which sample each visual item belongs to, the
-selection over all items in one op call, and the shortened, re-padded sequence with its
-positions.
+"""Sequence surgery shared by every family: where each visual item sits, its prompt, and the
+shortened, re-padded sequence with its positions (the choice itself: ``zspaprune_ops.choice``).
 
 A *visual item* is one image or one video: its placeholder tokens in ``input_ids`` and its
 candidate features [N_i, D] (the projector / merger outputs, in the LLM's space). Items fill
 the placeholders of their token id in batch order, as the model's own ``masked_scatter`` does.
 """
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from zspaprune_ops.prompt import ChatLayout, prompt_positions
 
 PADDING_SIDES = ("left", "right")
 POSITIONS = ("original", "compact")
@@ -24,8 +25,9 @@ class PrunedInputs:
     position_ids: int64 [B, L'] (LLaVA) or [3, B, L'] (Qwen's M-RoPE: temporal, height,
         width); padding slots hold 0. ``positions="original"``: each token's position in the
         unpruned sequence; ``"compact"``: counted over the shortened sequence.
-    kept_indices: int64 [num_images, keep]: per image (batch order), the kept positions within
-        its placeholder span (its features), ascending; rows of images keeping fewer end in -1.
+    kept_indices: int64 [num_images, K]: per image (batch order), the kept positions within
+        its placeholder span (its features), ascending; rows of images keeping fewer end in -1
+        (K: ``keep``, or the largest image's budget when ``keep`` is a share).
     image_features: the candidates per image, [N_i, D] each.
     kept_video_indices / video_features: the same for videos (None without videos).
     rope_deltas: int64 [B, 1] (Qwen only): max position + 1 - real tokens per row, the value
@@ -50,7 +52,8 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 0)
 
 
-def describe(x) -> str:
+def describe_value(x) -> str:
+    """A short description of an argument for error messages: dtype and shape, or type."""
     if isinstance(x, torch.Tensor):
         return f"{x.dtype} tensor of shape {list(x.shape)}"
     return type(x).__name__
@@ -58,21 +61,21 @@ def describe(x) -> str:
 
 def check_text(input_ids, attention_mask, prompt_mask, padding_side):
     """Check the text inputs; returns (attention_mask, prompt_mask, padding_side) with defaults
-    (all real; every token may form the prompt; right if right-padded, else left)."""
+    (all real; None: the prompt setting decides; right if right-padded, else left)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64,
                                                                           torch.int32):
-        raise TypeError(f"input_ids must be an integer tensor, got {describe(input_ids)}")
+        raise TypeError(f"input_ids must be an integer tensor, got {describe_value(input_ids)}")
     if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [B, L], got {describe(input_ids)}")
+        raise ValueError(f"input_ids must be [B, L], got {describe_value(input_ids)}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if prompt_mask is None:
-        prompt_mask = torch.ones_like(input_ids, dtype=torch.bool)
     for name, mask in (("attention_mask", attention_mask), ("prompt_mask", prompt_mask)):
+        if mask is None and name == "prompt_mask":
+            continue
         if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
             raise ValueError(f"{name} must be a tensor of shape {list(input_ids.shape)} "
-                             f"like input_ids, got {describe(mask)}")
-    if prompt_mask.dtype != torch.bool:
+                             f"like input_ids, got {describe_value(mask)}")
+    if prompt_mask is not None and prompt_mask.dtype != torch.bool:
         raise TypeError(f"prompt_mask must be a bool tensor, got {prompt_mask.dtype}")
     if padding_side is None:
         right = bool((attention_mask[:, -1] == 0).any()) and bool(attention_mask[:, 0].all())
@@ -89,77 +92,58 @@ def reject_unpruned_kwargs(kwargs, owner: str) -> None:
                              f"{owner}; call prune_inputs() and the model directly")
 
 
-def item_samples(placeholders: torch.Tensor, features: Sequence[torch.Tensor],
-                 name: str = "image") -> List[int]:
-    """The sample of each item (items fill the placeholders of ``placeholders`` [B, L] in
-    order); ValueError if the counts disagree."""
+def item_starts(placeholders: torch.Tensor, features: Sequence[torch.Tensor],
+                name: str = "image") -> List[Tuple[int, int]]:
+    """(sample, position of its first placeholder) of each item; items fill the placeholders of
+    ``placeholders`` [B, L] in order, ``features[i]`` [N_i, D] giving each item's count.
+    ValueError if the counts disagree."""
     per_sample = placeholders.sum(dim=1).tolist()
     counts = [f.shape[0] for f in features]
     if sum(per_sample) != sum(counts):
         raise ValueError(f"input_ids hold {sum(per_sample)} {name} tokens but the {name}s give "
                          f"{sum(counts)} features ({counts}); process text and {name}s together")
-    samples, item = [], 0
+    starts, item = [], 0
     for sample, tokens in enumerate(per_sample):
+        positions = placeholders[sample].nonzero().squeeze(1).tolist()
         filled = 0
         while filled < tokens:
+            starts.append((sample, positions[filled]))
             filled += counts[item]
-            samples.append(sample)
             item += 1
         if filled != tokens:
             raise ValueError(f"sample {sample} has {tokens} {name} tokens, which is not a whole "
                              f"number of {name}s (token counts per {name}: {counts})")
-    return samples
+    return starts
 
 
-def pad_rows(rows, masks):
-    """Stack [N_i, D] rows into zero-padded [M, N_max, D] and a candidate mask [M, N_max]
-    (None when every row has the same length and no mask)."""
-    if all(r.shape[0] == rows[0].shape[0] for r in rows) and all(m is None for m in masks):
-        return torch.stack(rows), None
-    n_max = max(r.shape[0] for r in rows)
-    visual = rows[0].new_zeros(len(rows), n_max, rows[0].shape[1])
-    mask = torch.zeros(len(rows), n_max, dtype=torch.bool, device=rows[0].device)
-    for i, (row, real) in enumerate(zip(rows, masks)):
-        visual[i, :row.shape[0]] = row
-        mask[i, :row.shape[0]] = True if real is None else real
-    return visual, mask
+def item_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 prompt_mask: Optional[torch.Tensor], embeds: torch.Tensor,
+                 placeholders: torch.Tensor, starts: Sequence[Tuple[int, int]],
+                 layout: Optional[ChatLayout], prompt: str) -> List[torch.Tensor]:
+    """Each item's prompt embeddings [T_i, D] (rows of ``embeds`` [B, L, D]).
 
-
-@dataclass
-class Choice:
-    """Kept positions per item (int64, ascending) and a 0-dim bool tensor: True if the op
-    returned a negative index for an item it pruned (checked at the next host sync)."""
-
-    kept: List[torch.Tensor]
-    invalid: torch.Tensor
-
-
-def choose(features, candidate_masks, keep: int, embeds, prompt_mask, samples,
-           select: Callable) -> Choice:
-    """Items with at most ``keep`` tokens stay whole; an item whose candidates (its
-    ``candidate_masks`` entry, None = all) number at most ``keep`` keeps them all; the others
-    go to one ``select(visual, prompt, prompt_mask, visual_mask)`` call together."""
-    kept: List[Optional[torch.Tensor]] = []
-    to_prune = []
-    for item, (feature, candidates) in enumerate(zip(features, candidate_masks)):
-        n = feature.shape[0]
-        if n <= keep:
-            kept.append(torch.arange(n, device=feature.device))
-        elif candidates is not None and int(candidates.sum()) <= keep:
-            kept.append(candidates.nonzero().squeeze(1))
-        else:
-            kept.append(None)
-            to_prune.append(item)
-    invalid = torch.zeros((), dtype=torch.bool, device=embeds.device)
-    if to_prune:
-        visual, visual_mask = pad_rows([features[i] for i in to_prune],
-                                       [candidate_masks[i] for i in to_prune])
-        rows = torch.tensor([samples[i] for i in to_prune], device=embeds.device)
-        picks = select(visual, embeds[rows], prompt_mask[rows], visual_mask)
-        invalid = (picks < 0).any()
-        for item, row in zip(to_prune, picks):
-            kept[item] = row
-    return Choice(kept, invalid)
+    An explicit ``prompt_mask`` [B, L] gives every item of a sample the sample's masked real
+    non-placeholder tokens; otherwise ``zspaprune_ops.prompt.prompt_positions`` decides, one
+    parse per sample (``placeholders`` bool [B, L]: the image/video placeholders)."""
+    real = attention_mask.bool()
+    if prompt_mask is not None:
+        rows = prompt_mask & real & ~placeholders
+        return [embeds[sample, rows[sample]] for sample, _ in starts]
+    by_sample: Dict[int, List[int]] = {}
+    for item, (sample, _) in enumerate(starts):
+        by_sample.setdefault(sample, []).append(item)
+    placeholder_ids = input_ids[placeholders].unique().tolist()
+    out: List[Optional[torch.Tensor]] = [None] * len(starts)
+    for sample, items in by_sample.items():
+        where = real[sample].nonzero().squeeze(1)  # real positions: the sequence without padding
+        local = {int(p): k for k, p in enumerate(where.tolist())}
+        chosen = prompt_positions(input_ids[sample, where].tolist(),
+                                  [local[starts[i][1]] for i in items], placeholder_ids,
+                                  layout, prompt)
+        for item, positions in zip(items, chosen):
+            index = torch.tensor(positions, dtype=torch.long, device=where.device)
+            out[item] = embeds[sample, where[index]]
+    return out
 
 
 def kept_placeholders(placeholders: torch.Tensor, features, kept) -> torch.Tensor:
@@ -175,9 +159,9 @@ def kept_placeholders(placeholders: torch.Tensor, features, kept) -> torch.Tenso
     return result
 
 
-def kept_index_rows(kept, keep: int, device) -> torch.Tensor:
-    """int64 [num_items, keep]: each item's kept indices, -1 after its last."""
-    rows = torch.full((len(kept), keep), -1, dtype=torch.int64, device=device)
+def kept_index_rows(kept, width: int, device) -> torch.Tensor:
+    """int64 [num_items, width]: each item's kept indices, -1 after its last."""
+    rows = torch.full((len(kept), width), -1, dtype=torch.int64, device=device)
     for row, indices in enumerate(kept):
         rows[row, :indices.numel()] = indices
     return rows

