@@ -195,8 +195,8 @@ def test_fallbacks_say_once_which_rule_they_use():
     with pytest.warns(UserWarning, match="no tokenizer with a chat template"):
         assert prompt_positions(ids, [5], [placeholder], None) == [everything]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once: the second time is silent
-        prompt_positions(ids, [5], [placeholder], None)
+        warnings.simplefilter("error")  # prompt="all" asks for no fallback: no warning
+        assert prompt_positions(ids, [5], [placeholder], None, prompt="all") == [everything]
     handwritten = layout.tokenizer("Describe <image> please, briefly.")["input_ids"]
     assert layout.user_messages(handwritten) is None
     with pytest.warns(UserWarning, match="does not match its chat template"):

@@ -19,7 +19,13 @@ def implementation(backend: str, device: torch.device) -> Callable:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = torch.device(device)
     if backend == "triton" or (backend == "auto" and device.type == "cuda"):
-        from zspaprune_ops import kernels
+        try:
+            from zspaprune_ops import kernels
+        except ImportError as error:
+            raise RuntimeError(
+                f"backend={backend!r} on {device.type} runs the fused Triton kernels, but triton "
+                f"does not import here ({error}). Triton ships wheels for Linux only: "
+                "pip install triton, or use backend='reference'") from None
         if device.type != "cuda" and not kernels.interpreted():
             raise RuntimeError(
                 f"backend='triton' on {device.type} runs the kernels under Triton's interpreter: "

@@ -18,7 +18,7 @@ one matches whole. A token belongs to a user message when it carries a non-blank
 that message's text; a byte-level or SentencePiece token that glues the template's space onto
 the user's first word counts as the user's. Without a tokenizer, or when the text matches no
 conversation of the template (hand-written prompts), ``"message"`` falls back to ``"all"`` and
-says so once, in a warning.
+says so in a warning (shown once per place by Python's default warning filter).
 """
 import functools
 import re
@@ -41,9 +41,9 @@ def check_prompt_mode(prompt: str) -> str:
     return prompt
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
+def _warn(message: str) -> None:
+    # Python's default warning filter shows a message once per place: once for a user's loop
+    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -271,13 +271,13 @@ def prompt_positions(ids: Sequence[int], items: Sequence[int], placeholder_ids,
     messages = None
     if prompt == "message":
         if layout is None:
-            _warn_once("zspaprune: no tokenizer with a chat template was given, so the relevance "
+            _warn("zspaprune: no tokenizer with a chat template was given, so the relevance "
                        "prompt is every real text token (prompt='all'), not the user's message; "
                        "pass processor=... (or prompt='all' to silence this)")
         else:
             messages = layout.user_messages(ids)
             if messages is None:
-                _warn_once("zspaprune: a prompt does not match its chat template (written by "
+                _warn("zspaprune: a prompt does not match its chat template (written by "
                            "hand?), so its relevance prompt is every real text token "
                            "(prompt='all') instead of the user's message")
     if messages is None:
