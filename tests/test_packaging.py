@@ -92,9 +92,6 @@ def test_the_package_works_without_triton():
     _run_without_triton()
 
 
-@pytest.mark.xfail(strict=True, reason="needs the zspaprune_ops/dispatch.py change asked for in "
-                                       "/work/requests/issue-23.md (a RuntimeError saying what to "
-                                       "install); remove this mark with it")
 def test_the_triton_backend_without_triton_says_what_to_install():
     out = _run_without_triton()
     assert out.startswith("RuntimeError") and "pip install triton" in out, out
