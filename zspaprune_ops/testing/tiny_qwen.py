@@ -23,7 +23,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
                       "pip install zspaprune[hf]") from error
 
 from zspaprune_ops.qwen_processor import QwenImageProcessor
-from zspaprune_ops.testing.common import instantiate, train_bpe
+from zspaprune_ops.testing.common import instantiate, sizes_for, train_bpe
 
 KINDS = ("qwen2_5_vl", "qwen3_vl")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
@@ -64,12 +64,7 @@ _CORPUS = ("system You are a helpful assistant. user Describe this image. assist
 def build_config(kind: str = "qwen2_5_vl", **sizes):
     """A ``Qwen2_5_VLConfig`` or ``Qwen3VLConfig`` of the given sizes (defaults: ``TINY_SIZES``;
     size keys as there, plus ``vision_intermediate``). Token ids follow ``SPECIAL_TOKENS``."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    unknown = set(sizes) - set(TINY_SIZES) - {"vision_intermediate"}
-    if unknown:
-        raise ValueError(f"unknown size option(s): {sorted(unknown)}")
-    s = {**TINY_SIZES, **sizes}
+    s = sizes_for(kind, KINDS, sizes, TINY_SIZES)
     head_dim = s["text_hidden"] // s["text_heads"]
     spatial = 3 * head_dim // 16  # M-RoPE's head_dim / 2 frequencies over (t, h, w): 2:3:3
     section = [head_dim // 2 - 2 * spatial, spatial, spatial]
