@@ -130,7 +130,8 @@ class ZSPAPruneModel(torch.nn.Module):
         with self.language_inputs(pruned):
             return self.model(inputs_embeds=pruned.inputs_embeds,
                               attention_mask=pruned.attention_mask,
-                              position_ids=pruned.position_ids, **kwargs)
+                              position_ids=pruned.position_ids, **pruned.forward_kwargs,
+                              **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
@@ -154,7 +155,8 @@ class ZSPAPruneModel(torch.nn.Module):
         with self.language_inputs(pruned):
             out = self.model.generate(inputs_embeds=pruned.inputs_embeds,
                                       attention_mask=pruned.attention_mask,
-                                      position_ids=pruned.position_ids, **kwargs)
+                                      position_ids=pruned.position_ids, **pruned.forward_kwargs,
+                                      **kwargs)
         if isinstance(out, torch.Tensor):  # generate from inputs_embeds gives the new tokens
             return torch.cat([input_ids, out.to(input_ids.dtype)], dim=1)
         out.sequences = torch.cat([input_ids, out.sequences.to(input_ids.dtype)], dim=1)

@@ -33,6 +33,8 @@ class PrunedInputs:
     rope_deltas: int64 [B, 1] (Qwen only): max position + 1 - real tokens per row, the value
         the model's ``rope_deltas`` takes for this sequence.
     model_kwargs: further inputs the language model needs (Qwen3-VL's DeepStack features).
+    forward_kwargs: further inputs of the wrapped model's forward / generate for the shortened
+        sequence (Gemma 3's token_type_ids).
     """
 
     inputs_embeds: torch.Tensor
@@ -44,6 +46,7 @@ class PrunedInputs:
     video_features: Optional[List[torch.Tensor]] = None
     rope_deltas: Optional[torch.Tensor] = None
     model_kwargs: Dict[str, object] = field(default_factory=dict)
+    forward_kwargs: Dict[str, object] = field(default_factory=dict)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
