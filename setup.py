@@ -6,6 +6,9 @@ package as `zspaprune_ops.kernels` and `zspaprune_ops.reference`, never as top-l
 """
 from setuptools import setup
 
+TRITON_PLATFORMS = ('platform_system == "Linux" and '
+                    '(platform_machine == "x86_64" or platform_machine == "aarch64")')
+
 setup(
     name="zspaprune",
     version="0.1.0",
@@ -23,7 +26,9 @@ setup(
         "zspaprune_ops.reference": "reference",
     },
     package_data={"zspaprune_ops": ["assets/*.png", "assets/shapes_llava/*"]},
-    install_requires=["torch>=2.11", "triton>=3.6"],
+    # Triton publishes wheels for Linux (x86_64, aarch64) only, and the package needs it only
+    # for its CUDA kernels: elsewhere (macOS, Windows) the selection runs in PyTorch.
+    install_requires=["torch>=2.11", f"triton>=3.6; {TRITON_PLATFORMS}"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "numpy"],
         "hf": ["transformers>=5.0", "Pillow"],

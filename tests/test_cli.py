@@ -27,11 +27,18 @@ def assert_one_error_line(err: str, command: str, message: str):
     assert "Traceback" not in err
 
 
+BUDGET = "must be a token count (an integer >= 1) or a share of each image's tokens (a number in (0, 1])"
+
 MISTAKES = [  # (subcommand, arguments, message); the demo's are caught before any model loads
     ("select", ["--device", "foo"], "argument --device: unknown device 'foo'"),
     ("select", ["--device", "meta"], "argument --device: meta tensors hold no values"),
-    ("select", ["--keep", "0"], "argument --keep: must be >= 1, got 0"),
-    ("select", ["--keep", "x"], "argument --keep: must be an integer, got 'x'"),
+    ("select", ["--keep", "0"], f"argument --keep: {BUDGET}, got '0'"),
+    ("select", ["--keep", "x"], f"argument --keep: {BUDGET}, got 'x'"),
+    ("select", ["--keep", "1.5"], f"argument --keep: {BUDGET}, got '1.5'"),
+    ("select", ["--keep", "64.0"], "argument --keep: a share of each image's tokens must be in "
+                                    "(0, 1], got '64.0'; for 64 tokens per image write 64"),
+    ("select", ["--keep", "nan"], f"argument --keep: {BUDGET}, got 'nan'"),
+    ("select", ["--keep", "-0.5"], f"argument --keep: {BUDGET}, got '-0.5'"),
     ("select", ["--n", "10", "--keep", "11"], "--keep 11 is above --n 10"),
     ("select", ["--n", "-3"], "argument --n: must be >= 1"),
     ("select", ["--prompt-len", "-1"], "argument --prompt-len: must be >= 0"),
@@ -41,7 +48,9 @@ MISTAKES = [  # (subcommand, arguments, message); the demo's are caught before a
     ("select", ["--backend", "cuda"], "argument --backend: invalid choice: 'cuda'"),
     ("select", ["--repeat", "0"], "argument --repeat: must be >= 1"),
     ("select", ["--bogus"], "unrecognized arguments: --bogus"),
-    ("demo", ["--keep", "64", "0"], "argument --keep: must be >= 1, got 0"),
+    ("demo", ["--keep", "64", "0"], f"argument --keep: {BUDGET}, got '0'"),
+    ("demo", ["--keep", "0.0"], f"argument --keep: {BUDGET}, got '0.0'"),
+    ("eval", ["--budgets", "0.5", "2.5"], f"argument --budgets: {BUDGET}, got '2.5'"),
     ("demo", ["--ratio", "-0.1"], "argument --ratio: must be a number in [0, 1]"),
     ("demo", ["--image", "/no/such.png"], "argument --image: /no/such.png does not exist"),
     ("demo", ["--model", "/no/such/dir"], "argument --model: /no/such/dir does not exist"),
@@ -135,3 +144,24 @@ def test_select_prints_the_ops_result_for_integer_options(capsys):
     assert len(lines) == 3 and all(len(line.split()) == 5 for line in lines[:2])
     assert "kept 5 of 30 tokens x 2 image(s), D=8, ratio=0.5, bfloat16 on cpu (reference)" \
         in lines[2]
+
+
+@pytest.mark.parametrize("text, value", [("64", 64), ("1", 1), ("0.25", 0.25), ("1.0", 1.0),
+                                         (".5", 0.5), ("1e-1", 0.1), ("0.1111", 0.1111)])
+def test_budgets_are_token_counts_or_shares(text, value):
+    """--keep (select, demo) and --budgets (eval) share one parser: an integer is tokens per
+    image, a number in (0, 1] a share of each image's tokens, as the wrappers take keep."""
+    for argv in (["select", "--keep", text], ["demo", "--keep", text],
+                 ["eval", "--budgets", text]):
+        args = build_parser().parse_args(argv)
+        parsed = args.keep if argv[0] != "eval" else args.budgets
+        parsed = parsed[0] if isinstance(parsed, list) else parsed
+        assert parsed == value and type(parsed) is type(value), argv
+
+
+def test_select_keeps_a_share_of_n(capsys):
+    main(["select", "--n", "30", "--dim", "8", "--keep", "0.25", "--repeat", "1",
+          "--backend", "reference"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines[0].split()) == 8  # floor(0.25 * 30 + 0.5)
+    assert "kept 8 of 30 tokens" in lines[1]

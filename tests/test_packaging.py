@@ -1,4 +1,7 @@
-"""`pip install .` puts kernels/ and reference/ inside the package, never at the top level."""
+"""Packaging and project structure: `pip install .` puts kernels/ and reference/ inside the
+package, never at the top level; triton is needed only where it exists; no import cycles; the
+slow-test list names real tests."""
+import functools
 import os
 import subprocess
 import sys
@@ -31,6 +34,67 @@ def test_wheel_maps_kernels_and_reference_inside_the_package(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, check=True,
                          capture_output=True, text=True, timeout=300)
     assert len(eval(out.stdout)[0]) == 3
+
+    # triton only where it has wheels (Linux x86_64 / aarch64): pip install works elsewhere
+    from packaging.requirements import Requirement
+
+    (metadata,) = target.glob("zspaprune-*.dist-info/METADATA")
+    requires = [Requirement(line.split(":", 1)[1].strip())
+                for line in metadata.read_text().splitlines() if line.startswith("Requires-Dist:")]
+    (triton,) = [r for r in requires if r.name == "triton"]
+    assert str(triton.specifier) == ">=3.6"
+    platforms = {("Linux", "x86_64"): True, ("Linux", "aarch64"): True, ("Darwin", "arm64"): False,
+                 ("Windows", "AMD64"): False, ("Linux", "ppc64le"): False}
+    for (system, machine), wanted in platforms.items():
+        environment = {"platform_system": system, "platform_machine": machine, "extra": ""}
+        assert triton.marker.evaluate(environment) is wanted, (system, machine)
+    (torch_requirement,) = [r for r in requires if r.name == "torch"]
+    assert torch_requirement.marker is None
+
+
+NO_TRITON = """
+import sys
+
+class NoTriton:  # as on macOS / Windows: no triton wheel, so not installed
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("No module named 'triton' (blocked by the test)")
+
+sys.meta_path.insert(0, NoTriton())
+import torch
+import zspaprune_ops, zspaprune_ops.cli, zspaprune_ops.models, zspaprune_ops.demo
+import zspaprune_ops.eval.run, zspaprune_ops.checkpoint
+
+visual, prompt = torch.randn(2, 30, 8), torch.randn(2, 4, 8)
+kept = torch.ops.zspaprune.select(visual, prompt, 5, 0.5, None, None)
+assert torch.equal(kept, zspaprune_ops.select(visual, prompt, 5))
+assert kept.shape == (2, 5) and "triton" not in sys.modules
+try:
+    zspaprune_ops.select(visual, prompt, 5, backend="triton")
+except Exception as error:
+    print(type(error).__name__, error)
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _run_without_triton():
+    """``NO_TRITON`` in a fresh interpreter (CPU): its stdout, the triton backend's error."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", NO_TRITON], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_package_works_without_triton():
+    """Off CUDA nothing imports triton: the op, the wrapper, the CLI, the demo and eval
+    modules import and select with triton unimportable."""
+    _run_without_triton()
+
+
+def test_the_triton_backend_without_triton_says_what_to_install():
+    out = _run_without_triton()
+    assert out.startswith("RuntimeError") and "pip install triton" in out, out
 
 
 def _package_modules():
@@ -82,3 +146,17 @@ def test_no_import_cycles_between_the_packages_modules():
                     stack.append((nxt, (*trail, nxt)))
     assert not cycles, "import cycles:\n" + "\n".join(sorted(set(cycles)))
     assert "zspaprune_ops.errors" in graph["zspaprune_ops.cli"]  # the graph sees real imports
+
+
+def test_every_slow_entry_names_an_existing_test():
+    """A renamed test would silently lose its ``slow`` mark: each entry of SLOW_TESTS names a
+    test function defined in its file."""
+    import re
+
+    from conftest import SLOW_TESTS
+
+    for key in SLOW_TESTS:
+        file, test = key.split("::")
+        source = (ROOT / "tests" / file).read_text(encoding="utf-8")
+        function = test.split("[", 1)[0]
+        assert re.search(rf"^def {function}\(", source, re.M), f"{key}: no such test"

@@ -18,6 +18,9 @@ DEMO_OUT = "zspaprune_demo.png"
 EVAL_METHODS = ("zspaprune", "random", "uniform")
 EVAL_OUT = "zspaprune_eval.json"
 EVAL_PLOT = "zspaprune_eval.png"
+DEFAULT_BUDGETS = [0.5, 0.25, 0.1111, 0.05]
+"""The demo's and eval's budgets: 50%, 25%, 11% (LLaVA's 64 of 576) and 5% of each image's
+visual tokens (128, 64, 28 and 13 of the shapes world's 256)."""
 
 
 def positive_int(text: str) -> int:
@@ -51,14 +54,35 @@ def ratio(text: str) -> float:
     return value
 
 
-def fraction(text: str) -> float:
-    """A budget: a number in (0, 1]."""
+BUDGET_HELP = ("an integer is visual tokens per image; a number in (0, 1] a share of each "
+               "image's tokens, max(1, floor(share * N + 0.5)) of N (1.0 keeps it whole)")
+
+
+def budget(text: str):
+    """``--keep`` / ``--budgets``: an int (visual tokens per image, >= 1) or a float in (0, 1]
+    (a share of each image's tokens), as ``zspaprune_ops.prune(keep=...)`` takes it: "64" is 64
+    tokens, "0.25" and "1.0" are shares. ``zspaprune_ops.choice.Budget`` checks the value."""
+    from zspaprune_ops.choice import Budget
+
     try:
-        value = float(text)
+        value = int(text)
     except ValueError:
-        value = math.nan
-    if not 0.0 < value <= 1.0:  # False for NaN too
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be a token count (an integer >= 1) or a share of each image's tokens (a "
+                f"number in (0, 1]), got {text!r}") from None
+        if value > 1 and value.is_integer():
+            raise argparse.ArgumentTypeError(
+                f"a share of each image's tokens must be in (0, 1], got {text!r}; for "
+                f"{int(value)} tokens per image write {int(value)}")
+    try:
+        Budget(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"must be a token count (an integer >= 1) or a share of each image's tokens (a "
+            f"number in (0, 1]), got {text!r}") from error
     return value
 
 
@@ -87,10 +111,12 @@ def existing_path(text: str) -> str:
 
 def _select_command(args: argparse.Namespace) -> None:
     import zspaprune_ops
+    from zspaprune_ops.choice import Budget
     from zspaprune_ops.dispatch import implementation
     from zspaprune_ops.testing.measure import median_seconds
 
-    if args.keep > args.n:
+    keep = Budget(args.keep).count(args.n)
+    if keep > args.n:
         raise UsageError(f"--keep {args.keep} is above --n {args.n} (the tokens per image)")
     try:
         implementation(args.backend, args.device)
@@ -103,13 +129,13 @@ def _select_command(args: argparse.Namespace) -> None:
     prompt = prompt.to(args.device, FEATURE_DTYPES[args.dtype])
 
     def run():
-        return zspaprune_ops.select(visual, prompt, args.keep, args.ratio, backend=args.backend)
+        return zspaprune_ops.select(visual, prompt, keep, args.ratio, backend=args.backend)
 
     kept = run()  # also the warm-up: first-call compilation stays out of the timing
     median_ms = median_seconds(run, args.device, repeat=args.repeat, warmup=0) * 1e3
     for row in kept.tolist():
         print(" ".join(map(str, row)))
-    print(f"kept {args.keep} of {args.n} tokens x {args.batch} image(s), D={args.dim}, "
+    print(f"kept {keep} of {args.n} tokens x {args.batch} image(s), D={args.dim}, "
           f"ratio={args.ratio}, {args.dtype} on {args.device} ({args.backend}): "
           f"median {median_ms:.3f} ms over {args.repeat} run(s)")
 
@@ -138,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="visual tokens per image (default: %(default)s)")
     sel.add_argument("--dim", type=positive_int, default=4096,
                      help="feature size D (default: %(default)s)")
-    sel.add_argument("--keep", type=positive_int, default=64,
-                     help="tokens to keep per image, at most --n (default: %(default)s)")
+    sel.add_argument("--keep", type=budget, default=64,
+                     help=f"tokens to keep per image, at most --n: {BUDGET_HELP} "
+                          "(default: %(default)s)")
     sel.add_argument("--ratio", type=ratio, default=0.5,
                      help="relevance ratio in [0, 1] (default: %(default)s)")
     sel.add_argument("--batch", type=positive_int, default=1,
@@ -173,10 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt",
                       help="question (default: the default scene's question for the default "
                            f"model, {DEMO_PROMPT!r} with --model)")
-    demo.add_argument("--keep", type=positive_int, nargs="+",
-                      help="visual tokens to keep per image, one budget each (default: 1/2, "
-                           "1/4, 1/9 and 1/20 of the image tokens: 128 64 28 13 for 256, "
-                           "288 144 64 29 for 576)")
+    demo.add_argument("--keep", type=budget, nargs="+", default=DEFAULT_BUDGETS,
+                      help=f"budgets, one row each: {BUDGET_HELP}; the default keeps 128 64 28 "
+                           "13 of 256 tokens, 288 144 64 29 of 576 (default: %(default)s)")
     demo.add_argument("--ratio", type=ratio, default=0.5,
                       help="relevance ratio in [0, 1] (default: %(default)s)")
     demo.add_argument("--out", default=DEMO_OUT,
@@ -211,10 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ratios", type=ratio, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
                     help="ZSPAPrune relevance ratios, one method each; 0 is DivPrune, 1 "
                          "relevance only (default: %(default)s)")
-    ev.add_argument("--budgets", type=fraction, nargs="+",
-                    default=[0.5, 0.25, round(1 / 9, 4), 0.05],
-                    help="kept share of each image's visual tokens, one budget each; 0.1111 "
-                         "is LLaVA's 64 of 576 (default: %(default)s)")
+    ev.add_argument("--budgets", type=budget, nargs="+", default=DEFAULT_BUDGETS,
+                    help=f"budgets, one each: {BUDGET_HELP}; 0.1111 is LLaVA's 64 of 576 "
+                         "(default: %(default)s)")
     ev.add_argument("--max-new-tokens", type=positive_int, default=8,
                     help="generated tokens per answer (default: %(default)s)")
     ev.add_argument("--seed", type=_int, default=0,

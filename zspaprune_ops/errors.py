@@ -13,6 +13,8 @@ class UsageError(Exception):
 
 
 def one_line_error(error: BaseException) -> str:
-    """``Type: first line of the message``, for quoting an error inside one line of text."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    """``Type: message's first paragraph on one line``, for quoting an error inside one line of
+    text (libraries wrap long messages over several lines: keep the whole first sentence)."""
+    paragraph = str(error).strip().split("\n\n", 1)[0]
+    text = " ".join(paragraph.split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -3,7 +3,8 @@
 A ``TokenGrid`` maps a span of an image's token sequence to a grid of boxes on the image;
 ``token_grids`` builds them for a LLaVA-1.5, LLaVA-NeXT or Qwen config; ``draw_overlay``
 renders one panel per (grid, budget): kept patches framed in the core or fill colour, dropped
-ones dimmed.
+ones dimmed, each panel titled with its budget and the answer given at it, under header lines
+(the question, the unpruned answer).
 """
 from dataclasses import dataclass
 from typing import Sequence
@@ -14,7 +15,8 @@ from PIL import Image, ImageDraw, ImageFont
 CORE_COLOUR = (255, 140, 0)  # relevance core: orange
 FILL_COLOUR = (0, 200, 255)  # diversity fill: cyan
 PANEL = 336  # panel side in pixels
-TITLE = 22  # title strip height
+LINE = 18  # height of one line of text
+TITLE = 22  # title strip height: one line above each panel, plus LINE for an answer
 GAP = 8  # space between panels
 LEGEND = 26  # legend strip height
 LEGEND_WIDTH = 440  # the figure is at least this wide, so the legend fits
@@ -49,16 +51,19 @@ class TokenGrid:
 
 @dataclass(frozen=True)
 class Budget:
-    """One panel's content: the kept token indices of one image and its relevance core."""
+    """One panel's content: the kept token indices of one image and its relevance core, a
+    label and the answer the model gave at this budget ("" for none)."""
 
     label: str
     kept: Sequence[int]
     core: Sequence[int]
+    answer: str = ""
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Where panels go: one row per grid, one column per budget, below a legend strip.
+    """Where panels go: one row per grid, one column per budget, below ``header_lines`` lines of
+    text and a legend strip; each panel under a title of ``title_lines`` lines.
 
     Every panel shows its grid's box at ``PANEL`` pixels on the longer side.
     """
@@ -66,6 +71,17 @@ class Layout:
     box: tuple
     n_grids: int
     n_budgets: int
+    header_lines: int = 0
+    title_lines: int = 1
+
+    @property
+    def top(self) -> int:
+        """Height of the header and legend, above the first row of panels."""
+        return self.header_lines * LINE + LEGEND
+
+    @property
+    def title(self) -> int:
+        return TITLE + (self.title_lines - 1) * LINE
 
     @property
     def panel(self) -> tuple:
@@ -78,13 +94,13 @@ class Layout:
     def size(self) -> tuple:
         width, height = self.panel
         return (max(LEGEND_WIDTH, GAP + self.n_budgets * (width + GAP)),
-                LEGEND + self.n_grids * (TITLE + height + GAP))
+                self.top + self.n_grids * (self.title + height + GAP))
 
     def origin(self, grid_index: int, budget_index: int) -> tuple:
         """Top-left pixel of a panel's image area in the figure."""
         width, height = self.panel
         return (GAP + budget_index * (width + GAP),
-                LEGEND + grid_index * (TITLE + height + GAP) + TITLE)
+                self.top + grid_index * (self.title + height + GAP) + self.title)
 
     def cell_box(self, grid: TokenGrid, row: int, col: int) -> tuple:
         """Pixel box (left, top, right, bottom) of a grid cell inside a panel."""
@@ -174,17 +190,22 @@ def _size_dict(size) -> dict:
             if getattr(size, k, None) is not None}
 
 
-def draw_overlay(image: Image.Image, grids: Sequence[TokenGrid],
-                 budgets: Sequence[Budget]) -> Image.Image:
-    """The figure (RGB): one row of panels per grid, one column per budget; every grid must
-    cover the same box of ``image`` (true of LLaVA-1.5's crop and of LLaVA-NeXT's two grids)."""
+def draw_overlay(image: Image.Image, grids: Sequence[TokenGrid], budgets: Sequence[Budget],
+                 header: Sequence[str] = ()) -> Image.Image:
+    """The figure (RGB): ``header`` lines (e.g. the question), the legend, then one row of
+    panels per grid, one column per budget, each titled with its label and answer; every grid
+    must cover the same box of ``image`` (true of LLaVA-1.5's crop and of LLaVA-NeXT's two
+    grids). Text too wide for the figure or its panel is cut, ending in "..."."""
     if len({grid.box for grid in grids}) != 1:
         raise ValueError("all grids must cover the same image box")
-    layout = Layout(grids[0].box, len(grids), len(budgets))
+    layout = figure_layout(grids, budgets, header)
     figure = Image.new("RGB", layout.size, (255, 255, 255))
     draw = ImageDraw.Draw(figure)
     font = _font()
-    _draw_legend(draw, font)
+    for index, line in enumerate(header):
+        draw.text((GAP, 3 + index * LINE), _fit(line, layout.size[0] - 2 * GAP, font),
+                  fill=(0, 0, 0), font=font)
+    _draw_legend(draw, font, layout.header_lines * LINE)
     view = image.convert("RGB").crop(layout.box).resize(layout.panel, Image.BICUBIC)
     dimmed = view.point(lambda value: int(value * DIM))
     for g, grid in enumerate(grids):
@@ -202,8 +223,28 @@ def draw_overlay(image: Image.Image, grids: Sequence[TokenGrid],
             left, top = layout.origin(g, b)
             figure.paste(panel, (left, top))
             title = f"{budget.label} · {grid.name}" if len(grids) > 1 else budget.label
-            draw.text((left, top - TITLE + 3), title, fill=(0, 0, 0), font=font)
+            lines = [title] + ([budget.answer] if layout.title_lines > 1 else [])
+            for index, line in enumerate(lines):
+                draw.text((left, top - layout.title + 3 + index * LINE),
+                          _fit(line, layout.panel[0], font), fill=(0, 0, 0), font=font)
     return figure
+
+
+def figure_layout(grids: Sequence[TokenGrid], budgets: Sequence[Budget],
+                  header: Sequence[str] = ()) -> Layout:
+    """The ``Layout`` ``draw_overlay`` uses: a second title line where any budget has an
+    answer."""
+    answers = any(budget.answer for budget in budgets)
+    return Layout(grids[0].box, len(grids), len(budgets), len(header), 2 if answers else 1)
+
+
+def _fit(text: str, width: int, font) -> str:
+    """``text``, cut to ``width`` pixels with "..." if longer."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "...") > width:
+        text = text[:-1]
+    return text + "..."
 
 
 def _kept_cells(grid: TokenGrid, budget: Budget) -> dict:
@@ -217,13 +258,13 @@ def _kept_cells(grid: TokenGrid, budget: Budget) -> dict:
     return cells
 
 
-def _draw_legend(draw, font) -> None:
+def _draw_legend(draw, font, top: int) -> None:
     x = GAP
     for colour, text in ((CORE_COLOUR, "relevance core"), (FILL_COLOUR, "diversity fill")):
-        draw.rectangle((x, 7, x + 12, 19), outline=colour, width=BORDER + 1)
-        draw.text((x + 18, 5), text, fill=(0, 0, 0), font=font)
+        draw.rectangle((x, top + 7, x + 12, top + 19), outline=colour, width=BORDER + 1)
+        draw.text((x + 18, top + 5), text, fill=(0, 0, 0), font=font)
         x += 150
-    draw.text((x, 5), "dimmed = pruned", fill=(0, 0, 0), font=font)
+    draw.text((x, top + 5), "dimmed = pruned", fill=(0, 0, 0), font=font)
 
 
 def _font():

@@ -1,8 +1,8 @@
 """What every tiny builder shares: seeded construction and weights, a BPE tokenizer trained here.
 
-A family's builder (``tiny_llava``, ``tiny_qwen``, ...) makes its config, then calls
-``instantiate(cls, config, seed)`` for a deterministic model with distinct visual tokens, and
-``train_bpe`` for an offline tokenizer. Nothing here downloads anything.
+A family's builder (``tiny_llava``, ``tiny_qwen``, ...) checks its size options with
+``sizes_for``, makes its config, then calls ``instantiate(cls, config, seed)`` for a
+deterministic model with distinct visual tokens, and ``train_bpe`` for an offline tokenizer. Nothing here downloads anything.
 """
 import math
 from typing import Optional
@@ -68,4 +68,16 @@ def train_bpe(corpus: str, vocab_size: int, special_tokens, unk_token=None):
     return bpe
 
 
-__all__ = ["instantiate", "redraw_weights", "train_bpe"]
+def sizes_for(kind: str, kinds, sizes: dict, defaults: dict) -> dict:
+    """A builder's size options: ``defaults`` updated by ``sizes``, checked (ValueError for a
+    ``kind`` not in ``kinds`` or a size key not in ``defaults``; ``vision_intermediate`` is
+    always allowed, default twice the vision width)."""
+    if kind not in kinds:
+        raise ValueError(f"kind must be one of {kinds}, got {kind!r}")
+    unknown = set(sizes) - set(defaults) - {"vision_intermediate"}
+    if unknown:
+        raise ValueError(f"unknown size option(s): {sorted(unknown)}")
+    return {**defaults, **sizes}
+
+
+__all__ = ["instantiate", "redraw_weights", "sizes_for", "train_bpe"]

@@ -20,7 +20,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("zspaprune_ops.testing.tiny_llava needs the Hugging Face extra: "
                       "pip install zspaprune[hf]") from error
 
-from zspaprune_ops.testing.common import instantiate, train_bpe
+from zspaprune_ops.testing.common import instantiate, sizes_for, train_bpe
 
 KINDS = ("llava", "llava_next")
 IMAGE_TOKEN = "<image>"
@@ -59,12 +59,7 @@ def build_config(kind: str = "llava", **sizes):
     vocab_size; ``LLAVA_15_7B_SIZES`` gives LLaVA-1.5-7B's shapes. The image token id is
     ``SPECIAL_TOKENS.index("<image>")``.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    unknown = set(sizes) - set(TINY_SIZES) - {"vision_intermediate"}
-    if unknown:
-        raise ValueError(f"unknown size option(s): {sorted(unknown)}")
-    s = {**TINY_SIZES, **sizes}
+    s = sizes_for(kind, KINDS, sizes, TINY_SIZES)
     vision = CLIPVisionConfig(
         image_size=s["image_size"], patch_size=s["patch_size"], hidden_size=s["vision_hidden"],
         intermediate_size=s.get("vision_intermediate", 2 * s["vision_hidden"]),

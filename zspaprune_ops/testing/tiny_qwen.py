@@ -4,7 +4,7 @@ Used by the tests and the end-to-end benchmark. Nothing is downloaded: the token
 trained here on a fixed text with Qwen's special tokens and chat template, the image processor
 the PIL-based ``Qwen2VLImageProcessorPil``. transformers' Qwen processors cannot be built
 without torchvision (their video processor needs it), so ``encode`` does their job for the
-tests, and ``video_inputs`` makes video inputs. Weights are re-drawn from N(0, 1/fan_in)
+tests (with ``zspaprune_ops.qwen_processor``), and ``video_inputs`` makes video inputs. Weights are re-drawn from N(0, 1/fan_in)
 (``common.redraw_weights``).
 """
 import os
@@ -22,7 +22,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("zspaprune_ops.testing.tiny_qwen needs the Hugging Face extra: "
                       "pip install zspaprune[hf]") from error
 
-from zspaprune_ops.testing.common import instantiate, train_bpe
+from zspaprune_ops.qwen_processor import QwenImageProcessor
+from zspaprune_ops.testing.common import instantiate, sizes_for, train_bpe
 
 KINDS = ("qwen2_5_vl", "qwen3_vl")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
@@ -63,12 +64,7 @@ _CORPUS = ("system You are a helpful assistant. user Describe this image. assist
 def build_config(kind: str = "qwen2_5_vl", **sizes):
     """A ``Qwen2_5_VLConfig`` or ``Qwen3VLConfig`` of the given sizes (defaults: ``TINY_SIZES``;
     size keys as there, plus ``vision_intermediate``). Token ids follow ``SPECIAL_TOKENS``."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    unknown = set(sizes) - set(TINY_SIZES) - {"vision_intermediate"}
-    if unknown:
-        raise ValueError(f"unknown size option(s): {sorted(unknown)}")
-    s = {**TINY_SIZES, **sizes}
+    s = sizes_for(kind, KINDS, sizes, TINY_SIZES)
     head_dim = s["text_hidden"] // s["text_heads"]
     spatial = 3 * head_dim // 16  # M-RoPE's head_dim / 2 frequencies over (t, h, w): 2:3:3
     section = [head_dim // 2 - 2 * spatial, spatial, spatial]
@@ -143,28 +139,20 @@ def build_tiny_qwen(folder, kind: str = "qwen2_5_vl", seed: int = 0, **sizes) ->
 
 
 def encode(tokenizer, image_processor, texts, images=None, videos=(), padding_side="left"):
-    """What a Qwen processor returns, without one: each ``<|image_pad|>`` of ``texts`` expanded
-    to its image's merged-token count (images in order), the batch tokenized and padded.
+    """What a Qwen processor returns for a batch, without torchvision: ``QwenImageProcessor``
+    for the text and images, plus ``videos``.
 
     ``videos``: ``video_inputs`` results, whose text must already be in ``texts``. Returns a
     dict of input_ids, attention_mask and, when given, pixel_values / image_grid_thw and
     pixel_values_videos / video_grid_thw / second_per_grid_ts, and mm_token_type_ids (0 text,
     1 image, 2 video: without it the model numbers every token like text).
     """
-    out = {}
-    if images:
-        pixels = image_processor(images=images, return_tensors="pt")
-        out.update(pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
-        counts = iter((out["image_grid_thw"].prod(-1) // 4).tolist())
-        parts = [text.split("<|image_pad|>") for text in texts]
-        texts = [split[0] + "".join("<|image_pad|>" * next(counts) + part for part in split[1:])
-                 for split in parts]
+    processor = QwenImageProcessor(tokenizer, image_processor, SPECIAL_TOKENS[IMAGE_PAD])
+    out = dict(processor(images=images or None, text=list(texts), padding=True,
+                         padding_side=padding_side))
     for name in videos[0][1] if videos else ():
         out[name] = torch.cat([video[1][name] for video in videos])
-    tokenizer.padding_side = padding_side
-    out.update(tokenizer(list(texts), return_tensors="pt", padding=True))
-    ids = out["input_ids"]
-    out["mm_token_type_ids"] = (ids == IMAGE_PAD).long() + 2 * (ids == VIDEO_PAD).long()
+    out["mm_token_type_ids"] += 2 * (out["input_ids"] == VIDEO_PAD).long()
     return out
 
 
