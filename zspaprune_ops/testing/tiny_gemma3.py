@@ -18,7 +18,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("zspaprune_ops.testing.tiny_gemma3 needs the Hugging Face extra: "
                       "pip install zspaprune[hf]") from error
 
-from zspaprune_ops.testing.common import instantiate, train_bpe
+from zspaprune_ops.testing.common import instantiate, sizes_for, train_bpe
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
                   "<start_of_image>", "<end_of_image>", "<image_soft_token>")
@@ -71,10 +71,7 @@ def build_config(**sizes):
     """A ``Gemma3Config`` of the given sizes (defaults: ``TINY_SIZES``; size keys as there, plus
     ``vision_intermediate``); ``GEMMA3_4B_SIZES`` gives gemma-3-4b's. Token ids follow
     ``SPECIAL_TOKENS``."""
-    unknown = set(sizes) - set(TINY_SIZES) - {"vision_intermediate"}
-    if unknown:
-        raise ValueError(f"unknown size option(s): {sorted(unknown)}")
-    s = {**TINY_SIZES, **sizes}
+    s = sizes_for("gemma3", ("gemma3",), sizes, TINY_SIZES)
     vision = SiglipVisionConfig(
         image_size=s["image_size"], patch_size=s["patch_size"], hidden_size=s["vision_hidden"],
         intermediate_size=s.get("vision_intermediate", 2 * s["vision_hidden"]),

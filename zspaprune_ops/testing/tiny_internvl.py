@@ -21,7 +21,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("zspaprune_ops.testing.tiny_internvl needs the Hugging Face extra: "
                       "pip install zspaprune[hf]") from error
 
-from zspaprune_ops.testing.common import instantiate, train_bpe
+from zspaprune_ops.testing.common import instantiate, sizes_for, train_bpe
 from zspaprune_ops.testing.processors import save_processor, without_video
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>",
@@ -65,10 +65,7 @@ def build_config(**sizes):
     """An ``InternVLConfig`` of the given sizes (defaults: ``TINY_SIZES``; size keys as there,
     plus ``vision_intermediate``); ``INTERNVL3_8B_SIZES`` gives InternVL3-8B's. Token ids follow
     ``SPECIAL_TOKENS``."""
-    unknown = set(sizes) - set(TINY_SIZES) - {"vision_intermediate"}
-    if unknown:
-        raise ValueError(f"unknown size option(s): {sorted(unknown)}")
-    s = {**TINY_SIZES, **sizes}
+    s = sizes_for("internvl", ("internvl",), sizes, TINY_SIZES)
     vision = InternVLVisionConfig(
         hidden_size=s["vision_hidden"], num_hidden_layers=s["vision_layers"],
         num_attention_heads=s["vision_heads"],

@@ -24,7 +24,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("zspaprune_ops.testing.tiny_onevision needs the Hugging Face extra: "
                       "pip install zspaprune[hf]") from error
 
-from zspaprune_ops.testing.common import instantiate, train_bpe
+from zspaprune_ops.testing.common import instantiate, sizes_for, train_bpe
 from zspaprune_ops.testing.processors import save_processor, without_video
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
@@ -68,10 +68,7 @@ def build_config(**sizes):
     there, plus ``vision_intermediate``); ``ONEVISION_7B_SIZES`` gives the 7B checkpoint's.
     Token ids follow ``SPECIAL_TOKENS``. Any-resolution pinpoints: every grid of 1..max_tiles
     tiles a side."""
-    unknown = set(sizes) - set(TINY_SIZES) - {"vision_intermediate"}
-    if unknown:
-        raise ValueError(f"unknown size option(s): {sorted(unknown)}")
-    s = {**TINY_SIZES, **sizes}
+    s = sizes_for("llava_onevision", ("llava_onevision",), sizes, TINY_SIZES)
     vision = SiglipVisionConfig(
         image_size=s["image_size"], patch_size=s["patch_size"], hidden_size=s["vision_hidden"],
         intermediate_size=s.get("vision_intermediate", 2 * s["vision_hidden"]),
