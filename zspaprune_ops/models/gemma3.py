@@ -148,7 +148,7 @@ class ZSPAPruneGemma3(ZSPAPruneModel):
         counts, cropped = [], False
         for k, (sample, start, length) in enumerate(runs):
             if counts and cropped and runs[k - 1][0] == sample:
-                prev_sample, prev_start, prev_length = runs[k - 1]
+                _, prev_start, prev_length = runs[k - 1]
                 end = prev_start + prev_length
                 joined = (ids[sample][end] == config.eoi_token_id
                           and ids[sample][start - 1] == config.boi_token_id
