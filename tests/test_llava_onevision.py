@@ -244,7 +244,7 @@ def test_front_door_builders_and_the_7b_preset(folder):
     assert tiny_onevision.CHAT_TEMPLATE == TEMPLATE.read_text()
     big = tiny_onevision.build_model(device="meta", dtype=torch.bfloat16,
                                      **tiny_onevision.ONEVISION_7B_SIZES)
-    # 8.03 B, as the Hub lists llava-onevision-qwen2-7b-ov-hf
+    # 8.03 B (llava-onevision-qwen2-7b-ov-hf's size as recalled from its model card)
     assert sum(p.numel() for p in big.parameters()) == 8_030_807_584
     with pytest.raises(ValueError, match="size"):
         tiny_onevision.build_model(hidden=3)
