@@ -307,7 +307,8 @@ def test_front_door_builders_and_the_4b_preset(folder):
     assert tiny_gemma3.CHAT_TEMPLATE == TEMPLATE.read_text()
     big = tiny_gemma3.build_model(device="meta", dtype=torch.bfloat16,
                                   **tiny_gemma3.GEMMA3_4B_SIZES)
-    assert sum(p.numel() for p in big.parameters()) == 4_300_079_472  # gemma-3-4b-it's 4.3 B (recalled)
+    # gemma-3-4b-it's 4.3 B (as recalled from its model card)
+    assert sum(p.numel() for p in big.parameters()) == 4_300_079_472
     assert big.config.text_config.layer_types[:6] == ["sliding_attention"] * 5 + \
         ["full_attention"]
     with pytest.raises(ValueError, match="size"):
