@@ -43,6 +43,8 @@ SLOW_TESTS = {
         "wheel build and install: 5 s",
     "test_world.py::test_training_script_runs_a_few_steps_and_saves_a_loadable_model":
         "training: 4 s",
+    "test_llava_onevision.py::test_eager_and_sdpa_attention_give_the_same_results":
+        "loads the eager model too: 5 s (load average 3)",
 }
 
 
