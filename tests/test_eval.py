@@ -149,7 +149,8 @@ def test_bad_dataset_lines_are_usage_errors_naming_the_line(tmp_path, capsys, li
 
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "topk"], "argument --methods: invalid choice: 'topk'"),
-    (["--budgets", "0"], "argument --budgets: must be a number in (0, 1], got '0'"),
+    (["--budgets", "0"], "argument --budgets: must be a token count (an integer >= 1) or a "
+                         "share of each image's tokens (a number in (0, 1]), got '0'"),
     (["--ratios", "2"], "argument --ratios: must be a number in [0, 1]"),
     (["--split", "dev"], "--split split must be one of ['test', 'train', 'val']"),
     (["--data", "/no/such.jsonl"], "argument --data: /no/such.jsonl does not exist"),
