@@ -1,6 +1,6 @@
-"""Checks shared by the tests of the LLaVA-OneVision, InternVL and Gemma 3 wrappers: the kept
-tokens of the unpruned sequence, the pruned run against the full run with holes, the prompt
-each item is scored against."""
+"""Checks shared by the tests of the model wrappers (LLaVA-OneVision, InternVL and Gemma 3 use
+all of them; LLaVA and Qwen the prompt ones): the kept tokens of the unpruned sequence, the
+pruned run against the full run with holes, the prompt each item is scored against."""
 import torch
 
 import zspaprune_ops

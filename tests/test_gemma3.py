@@ -285,9 +285,6 @@ def test_each_image_is_scored_against_its_own_user_message(folder):
         assert torch.equal(got, want)
 
 
-@pytest.mark.xfail(strict=True, reason="zspaprune_ops.prompt counts the text Gemma 3's processor "
-                   "writes around pan-and-scan crops ('Here is the original image ...') as the "
-                   "user's words")
 def test_pan_and_scan_images_are_scored_against_their_user_message(folder):
     prompts, first, second = chat_prompts(folder, pan_and_scan=True)
     assert len(prompts) == 3

@@ -195,8 +195,6 @@ def test_each_image_is_scored_against_its_own_user_message(folder):
         assert torch.equal(got, want)
 
 
-@pytest.mark.xfail(strict=True, reason="zspaprune_ops.prompt counts the 'Frame1: ' ... text that "
-                   "InternVL's processor writes for a video's frames as the user's words")
 def test_video_frames_are_scored_against_their_user_message(folder):
     prompts, first, second = chat_prompts(folder, video=True)
     assert len(prompts) == 5  # three images, then the video's two frames

@@ -15,6 +15,7 @@ import zspaprune_ops.reference  # noqa: E402
 from zspaprune_ops.models.llava import ZSPAPruneLlava  # noqa: E402
 from zspaprune_ops.models.sequence import position_ids_from_mask  # noqa: E402
 from zspaprune_ops.testing.tiny_llava import build_tiny_llava  # noqa: E402
+from family_checks import Recorder, question_tokens  # noqa: E402
 
 KINDS = ("llava", "llava_next")
 PROMPTS = ("USER: <image> What is shown in the image? ASSISTANT:",
@@ -454,29 +455,6 @@ def chat(turns, images=(1, 2)):
         messages.append({"role": "user", "content": [{"type": "image"}] * images[k] +
                          [{"type": "text", "text": CHAT_QUESTIONS[k]}]})
     return messages
-
-
-class Recorder:
-    """A selector that records each call's prompt rows and runs ZSPAPrune."""
-
-    def __init__(self):
-        from zspaprune_ops.choice import zspaprune_selector
-
-        self.select, self.prompts = zspaprune_selector(), []
-
-    def __call__(self, visual, prompt, keep, ratio, prompt_mask, visual_mask):
-        self.prompts += [row[mask] for row, mask in zip(prompt, prompt_mask)]
-        return self.select(visual, prompt, keep, ratio, prompt_mask, visual_mask)
-
-
-def question_tokens(tokenizer, ids, question):
-    """Positions of the tokens carrying the last occurrence of ``question`` (from offsets)."""
-    text = tokenizer.decode(ids)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    assert encoded["input_ids"] == ids
-    start = text.rindex(question)
-    return [p for p, (a, b) in enumerate(encoded["offset_mapping"])
-            if text[max(a, start):min(b, start + len(question))].strip()]
 
 
 def chat_inputs(folders, turns, seed=3):

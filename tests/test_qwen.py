@@ -18,6 +18,7 @@ from zspaprune_ops import ZSPAPruneModel, prune  # noqa: E402
 from zspaprune_ops.models.qwen2_5_vl import ZSPAPruneQwen2_5_VL  # noqa: E402
 from zspaprune_ops.models.qwen3_vl import ZSPAPruneQwen3VL  # noqa: E402
 from zspaprune_ops.testing.tiny_qwen import KINDS, build_tiny_qwen, encode, video_inputs  # noqa: E402
+from family_checks import Recorder, question_tokens  # noqa: E402
 
 QUESTIONS = ("What is shown in the picture?", "Where is the cat?",
              "How many objects are there, left and right?")
@@ -358,17 +359,6 @@ TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 CHAT_QUESTIONS = ("Where is the cat?", "How many objects are there, left and right?")
 
 
-class Recorder:
-    """A selector that records each call's prompt rows and runs ZSPAPrune."""
-
-    def __init__(self):
-        self.prompts = []
-
-    def __call__(self, visual, prompt, keep, ratio, prompt_mask, visual_mask):
-        self.prompts += [row[mask] for row, mask in zip(prompt, prompt_mask)]
-        return torch.ops.zspaprune.select(visual, prompt, keep, ratio, prompt_mask, visual_mask)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_image_is_scored_against_its_own_user_message(folders, kind):
     """The checkpoint's real template (Qwen2.5-VL's inserts a default system prompt; here a
@@ -393,15 +383,7 @@ def test_each_image_is_scored_against_its_own_user_message(folders, kind):
     wrapped.prune_inputs(**inputs)
     ids = inputs["input_ids"][0].tolist()
     embeds = wrapped.model.get_input_embeddings()(inputs["input_ids"])[0]
-    decoded = tokenizer.decode(ids)
-    offsets = tokenizer(decoded, return_offsets_mapping=True)["offset_mapping"]
-
-    def question(q):
-        start = decoded.index(q)
-        return [p for p, (a, b) in enumerate(offsets)
-                if decoded[max(a, start):min(b, start + len(q))].strip()]
-
-    first, second = question(CHAT_QUESTIONS[0]), question(CHAT_QUESTIONS[1])
+    first, second = (question_tokens(tokenizer, ids, q) for q in CHAT_QUESTIONS)
     assert len(recorder.prompts) == 3
     for got, positions in zip(recorder.prompts, (first, second, second)):
         assert torch.equal(got, embeds[positions])
@@ -410,3 +392,19 @@ def test_each_image_is_scored_against_its_own_user_message(folders, kind):
 def test_from_pretrained_finds_the_template_without_torchvision(folders):
     wrapped = ZSPAPruneModel.from_pretrained(folders["qwen2_5_vl"], keep=4)
     assert wrapped.layout is not None  # from chat_template.jinja, through the tokenizer
+
+
+def test_a_video_is_scored_against_its_message_without_the_timestamps(folders):
+    """Qwen3-VL's processor writes ``<t seconds>`` before each temporal group of a video, inside
+    the user's message: that text is not the user's words."""
+    recorder = Recorder()
+    tokenizer, _ = tools(folders, "qwen3_vl")
+    wrapped = load(folders, "qwen3_vl", keep=3, selector=recorder, processor=tokenizer)
+    inputs = batch(folders, "qwen3_vl", images_per_sample=(1,), video=True, seed=5)
+    assert "seconds>" in tokenizer.decode(inputs["input_ids"][0])
+    wrapped.prune_inputs(**inputs)
+    question = question_tokens(tokenizer, inputs["input_ids"][0].tolist(), QUESTIONS[0])
+    embeds = wrapped.model.get_input_embeddings()(inputs["input_ids"])[0]
+    assert len(recorder.prompts) == 2  # the image, then the video: one message
+    for got in recorder.prompts:
+        assert torch.equal(got, embeds[question])

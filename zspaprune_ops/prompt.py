@@ -96,22 +96,28 @@ class ChatLayout:
         return cls(tokenizer, template) if isinstance(template, str) and template else None
 
     # ------------------------------------------------------------------ parsing
-    def user_messages(self, ids: Sequence[int]) -> Optional[List[int]]:
+    def user_messages(self, ids: Sequence[int], inserted: Optional["re.Pattern"] = None
+                      ) -> Optional[List[int]]:
         """Per token of ``ids`` (one sequence, no padding): the index (0, 1, ...) of the user
         message whose text holds it, or -1 (template, system, assistant, or a set-aside token
         outside every user message). Set-aside tokens (placeholders) take the message they sit
-        in. None when the text is no conversation of this template."""
+        in. ``inserted``: text a processor writes into the message beside its images (Qwen3-VL's
+        ``<1.0 seconds>``), which is not the user's: a token with no other non-blank character
+        takes -1. None when the text is no conversation of this template."""
         ids = [int(i) for i in ids]
         kept = [p for p, i in enumerate(ids) if i not in self.foreign_ids]
         text, spans = self._text_and_spans([ids[p] for p in kept])
         found = self._match(text)
         if found is None:
             return None
+        words = text
+        if inserted is not None:  # blank out the processor's text: it never counts
+            words = inserted.sub(lambda match: " " * len(match.group()), text)
         messages = [-1] * len(ids)
         for k, p in enumerate(kept):
             start, end = spans[k]
             for m, (c0, c1) in enumerate(found):
-                if text[max(start, c0):min(end, c1)].strip():
+                if words[max(start, c0):min(end, c1)].strip():
                     messages[p] = m
                     break
         # a set-aside token sits at the offset where the previous kept token ends; the blanks
@@ -253,7 +259,8 @@ def _roles(system: bool, turns: int, ending: str) -> Tuple[str, ...]:
 
 
 def prompt_positions(ids: Sequence[int], items: Sequence[int], placeholder_ids,
-                     layout: Optional[ChatLayout], prompt: str = "message") -> List[List[int]]:
+                     layout: Optional[ChatLayout], prompt: str = "message",
+                     inserted: Optional["re.Pattern"] = None) -> List[List[int]]:
     """The positions of each item's relevance prompt in one sequence.
 
     Args:
@@ -262,6 +269,8 @@ def prompt_positions(ids: Sequence[int], items: Sequence[int], placeholder_ids,
         placeholder_ids: the image/video placeholder token ids (never prompt tokens).
         layout: the chat layout, or None (no tokenizer: ``"message"`` falls back to ``"all"``).
         prompt: ``"message"`` or ``"all"`` (see the module docstring).
+        inserted: a regex of the text the model's processor writes into a user message beside
+            its images (a family's ``inserted_text``); never the user's words.
     Returns:
         per item, ascending positions into ``ids`` (possibly none).
     """
@@ -272,14 +281,14 @@ def prompt_positions(ids: Sequence[int], items: Sequence[int], placeholder_ids,
     if prompt == "message":
         if layout is None:
             _warn("zspaprune: no tokenizer with a chat template was given, so the relevance "
-                       "prompt is every real text token (prompt='all'), not the user's message; "
-                       "pass processor=... (or prompt='all' to silence this)")
+                  "prompt is every real text token (prompt='all'), not the user's message; "
+                  "pass processor=... (or prompt='all' to silence this)")
         else:
-            messages = layout.user_messages(ids)
+            messages = layout.user_messages(ids, inserted)
             if messages is None:
                 _warn("zspaprune: a prompt does not match its chat template (written by "
-                           "hand?), so its relevance prompt is every real text token "
-                           "(prompt='all') instead of the user's message")
+                      "hand?), so its relevance prompt is every real text token "
+                      "(prompt='all') instead of the user's message")
     if messages is None:
         everything = [p for p, i in enumerate(ids) if i not in placeholders]
         return [everything for _ in items]

@@ -3,9 +3,11 @@ share, ``base`` for the surface they share and the front door.
 
     import zspaprune_ops
     model = zspaprune_ops.ZSPAPruneModel.from_pretrained("path/to/checkpoint", keep=64)
-    wrapped = zspaprune_ops.prune(hf_model, keep=64)      # an already loaded model
+    wrapped = zspaprune_ops.prune(hf_model, keep=64, processor=processor)  # already loaded
 
-Supported: LLaVA, LLaVA-NeXT (``llava``), Qwen2.5-VL (``qwen2_5_vl``), Qwen3-VL (``qwen3_vl``).
+Supported: LLaVA, LLaVA-NeXT (``llava``), Qwen2.5-VL (``qwen2_5_vl``), Qwen3-VL (``qwen3_vl``),
+LLaVA-OneVision (``llava_onevision``), InternVL (``internvl``), Gemma 3 (``gemma3``); the
+family table is in docs/families.md.
 Adding a family is one new module here defining a ``ZSPAPruneModel`` subclass. Importing this
 package does not import transformers.
 """

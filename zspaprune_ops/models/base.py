@@ -7,6 +7,7 @@ it by importing every module of the package. Nothing here imports transformers.
 import contextlib
 import importlib
 import pkgutil
+import re
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -51,6 +52,9 @@ class ZSPAPruneModel(torch.nn.Module):
     default_positions = "original"
     visual_inputs: Tuple[str, ...] = ()
     """Keyword inputs of ``prune_inputs`` besides ``pixel_values`` (e.g. ``image_sizes``)."""
+    inserted_text: Optional[str] = None
+    """A regex of the text the family's processor writes into a user message beside its images
+    (Qwen3-VL's video timestamps): never part of an image's relevance prompt."""
 
     def __new__(cls, model=None, *args, **kwargs):
         if cls is ZSPAPruneModel:
@@ -179,8 +183,9 @@ class ZSPAPruneModel(torch.nn.Module):
                 placeholder; features: per item [N_i, D]; starts: per item (sample, position
                 of its first placeholder); candidates: per item bool [N_i] or None (all).
         """
+        inserted = re.compile(self.inserted_text) if self.inserted_text else None
         prompts = item_prompts(input_ids, attention_mask, prompt_mask, embeds, placeholders,
-                               starts, self.layout, self.prompt)
+                               starts, self.layout, self.prompt, inserted)
         if candidates is None:
             candidates = [None] * len(features)
         return choose(features, candidates, prompts, self.budget, self.selector)

@@ -51,6 +51,7 @@ class ZSPAPruneGemma3(ZSPAPruneModel):
     ``positions`` defaults to ``"compact"``)."""
 
     model_class_names = ("Gemma3ForConditionalGeneration",)
+    inserted_text = r"Here is the original image|and here are some crops to help you see better"
     default_positions = "compact"
     visual_inputs = ("token_type_ids", "num_crops")
 

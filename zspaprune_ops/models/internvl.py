@@ -29,6 +29,7 @@ class ZSPAPruneInternVL(ZSPAPruneModel):
     ``positions`` defaults to ``"compact"``)."""
 
     model_class_names = ("InternVLForConditionalGeneration",)
+    inserted_text = r"Frame\d+: "  # before each frame of a video
     default_positions = "compact"
 
     def prune_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,

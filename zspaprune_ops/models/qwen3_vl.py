@@ -25,6 +25,7 @@ class ZSPAPruneQwen3VL(ZSPAPruneQwen2_5_VL):
     ``positions`` defaults to ``"original"``)."""
 
     model_class_names = ("Qwen3VLForConditionalGeneration",)
+    inserted_text = r"<\d+(?:\.\d+)? seconds>"  # before each temporal group of a video
     visual_inputs = ("image_grid_thw", "pixel_values_videos", "video_grid_thw",
                      "mm_token_type_ids")
 

@@ -5,6 +5,7 @@ A *visual item* is one image or one video: its placeholder tokens in ``input_ids
 candidate features [N_i, D] (the projector / merger outputs, in the LLM's space). Items fill
 the placeholders of their token id in batch order, as the model's own ``masked_scatter`` does.
 """
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -122,12 +123,14 @@ def item_starts(placeholders: torch.Tensor, features: Sequence[torch.Tensor],
 def item_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  prompt_mask: Optional[torch.Tensor], embeds: torch.Tensor,
                  placeholders: torch.Tensor, starts: Sequence[Tuple[int, int]],
-                 layout: Optional[ChatLayout], prompt: str) -> List[torch.Tensor]:
+                 layout: Optional[ChatLayout], prompt: str,
+                 inserted: Optional["re.Pattern"] = None) -> List[torch.Tensor]:
     """Each item's prompt embeddings [T_i, D] (rows of ``embeds`` [B, L, D]).
 
     An explicit ``prompt_mask`` [B, L] gives every item of a sample the sample's masked real
     non-placeholder tokens; otherwise ``zspaprune_ops.prompt.prompt_positions`` decides, one
-    parse per sample (``placeholders`` bool [B, L]: the image/video placeholders)."""
+    parse per sample (``placeholders`` bool [B, L]: the image/video placeholders; ``inserted``:
+    the processor's own text in user messages, never prompt)."""
     real = attention_mask.bool()
     if prompt_mask is not None:
         rows = prompt_mask & real & ~placeholders
@@ -142,7 +145,7 @@ def item_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor,
         local = {int(p): k for k, p in enumerate(where.tolist())}
         chosen = prompt_positions(input_ids[sample, where].tolist(),
                                   [local[starts[i][1]] for i in items], placeholder_ids,
-                                  layout, prompt)
+                                  layout, prompt, inserted)
         for item, positions in zip(items, chosen):
             index = torch.tensor(positions, dtype=torch.long, device=where.device)
             out[item] = embeds[sample, where[index]]
