@@ -420,12 +420,13 @@ def multipick_tokens(kind, N, D, g):
 @pytest.mark.parametrize("kind", ["random", "clustered", "duplicates", "ties"])
 def test_multi_pick_passes_equal_the_one_at_a_time_rule(kind, ratio, monkeypatch):
     """The streaming launch 2 confirms several picks per pass over the features; Gram mode makes
-    one pick per step. Both give the same picks, exactly the float64 rule's (ties to the lower
-    index, no tolerance beyond float64 rounding), on random, clustered, duplicate-heavy and
+    one pick per step. The streaming picks are exactly the float64 rule's (ties to the lower
+    index, no tolerance beyond float64 rounding) on random, clustered, duplicate-heavy and
     tie-heavy tokens (keep within the 40 distinct tokens of the duplicate-heavy kind: beyond
-    them every key is a float32 rounding of 0). Random and clustered tokens also match the
-    float32 reference; with duplicates it can break a tie by BLAS rounding (its einsum rounds
-    equal rows differently at different positions), which the float64 rule does not."""
+    them every key is a float32 rounding of 0); Gram mode's equal them except on duplicates.
+    Random and clustered tokens also match the float32 reference; with duplicates it can break
+    a tie by BLAS rounding (its einsum rounds equal rows differently at different positions),
+    which the float64 rule does not."""
     from zspaprune_ops.kernels import select as module
     g = torch.Generator().manual_seed(len(kind) * 10 + int(ratio * 2))
     N, keep = 150, 36
@@ -440,9 +441,19 @@ def test_multi_pick_passes_equal_the_one_at_a_time_rule(kind, ratio, monkeypatch
 
     monkeypatch.setattr(module, "_launch_stream", recorded)
     kept = kernel_select(visual.to(DEVICE), prompt.to(DEVICE), keep, ratio, gram=False).cpu()
-    one_at_a_time = kernel_select(visual.to(DEVICE), prompt.to(DEVICE), keep, ratio, gram=True)
-    assert torch.equal(kept, one_at_a_time.cpu())
+    one_at_a_time = kernel_select(visual.to(DEVICE), prompt.to(DEVICE), keep, ratio,
+                                  gram=True).cpu()
     replay(visual[0], prompt[0], keep, ratio, kept[0], tol=1e-12)
+    if kind == "duplicates":
+        # Gram mode's tl.dot is a BLAS matmul under the interpreter, which rounds equal rows
+        # differently at different positions: of two copies of a token it may take the later
+        # one. Taking a copy changes no later distance, so it keeps the same tokens.
+        copy_of = {}
+        token = [copy_of.setdefault(tuple(row.tolist()), len(copy_of)) for row in visual[0]]
+        assert (sorted(token[i] for i in one_at_a_time[0].tolist())
+                == sorted(token[i] for i in kept[0].tolist()))
+    else:
+        assert torch.equal(kept, one_at_a_time)
     if kind in ("random", "clustered"):
         assert torch.equal(kept, reference_select(visual, prompt, keep, ratio))
     sync, parts = launches[0]  # one barrier per pass and a last one: several picks per pass
