@@ -15,7 +15,7 @@ def table(rows: List[dict], markdown: bool = False) -> str:
     budgets = list(dict.fromkeys(r["shape"]["budget"] for r in rows[1:]))
     keeps = {r["shape"]["budget"]: r["keep"] for r in rows[1:]}
     cell = {(r["method"], r["shape"]["budget"]): r for r in rows[1:]}
-    grid = [["method", *(f"{b:.0%} ({keeps[b]:g} tokens)" for b in budgets)]]
+    grid = [["method", *(budget_label(b, keeps[b]) for b in budgets)]]
     for method in dict.fromkeys(r["method"] for r in rows[1:]):
         grid.append([method, *(_percent(cell[method, b]) for b in budgets)])
     if markdown:
@@ -32,6 +32,13 @@ def table(rows: List[dict], markdown: bool = False) -> str:
                   f"({unpruned['keep']:g} tokens): {unpruned['accuracy']:.1%} "
                   f"[{low:.1%}, {high:.1%}] (95% Wilson interval)."]
     return "\n".join(lines)
+
+
+def budget_label(budget, keep: float) -> str:
+    """A budget column's title: ``50% (128 tokens)`` for a share, ``64 tokens`` for a count."""
+    if isinstance(budget, int):
+        return f"{keep:g} tokens"
+    return f"{budget:.0%} ({keep:g} tokens)"
 
 
 def _percent(row: dict) -> str:
