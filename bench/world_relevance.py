@@ -12,7 +12,8 @@ import torch
 
 from zspaprune_ops.checkpoint import load, prompt_text
 from zspaprune_ops.reference.naive import select
-from zspaprune_ops.world import scenes, train
+from zspaprune_ops.world import scenes
+from zspaprune_ops.world.model import image_features
 
 
 def top_relevance(model, processor, image, question: str, keep: int) -> torch.Tensor:
@@ -20,7 +21,7 @@ def top_relevance(model, processor, image, question: str, keep: int) -> torch.Te
     (the reference) on the visual tokens and the prompt's text-token embeddings."""
     inputs = processor(images=image, text=prompt_text(processor, question), return_tensors="pt")
     with torch.no_grad():
-        visual = train.image_features(model, inputs["pixel_values"])  # [N, D]
+        visual = image_features(model, inputs["pixel_values"])  # [N, D]
         ids = inputs["input_ids"][0]
         prompt = model.get_input_embeddings()(ids)[ids != model.config.image_token_id]
         return select(visual, prompt, keep, relevance_ratio=1.0)
