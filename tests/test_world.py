@@ -117,7 +117,7 @@ def test_cluttered_scenes_are_busier_and_every_question_names_one_object():
         assert s.answer == (matches[0].colour if s.kind == "color" else matches[0].shape)
         colours = scenes.patch_labels(s.things)[1]
         patches = scenes.named_patches(s.things, s.question, colours)
-        assert 0 < sum(patches) <= 9  # 2-3 patches wide
+        assert 0 < sum(patches) <= 16  # at most 44 px: within 4x4 patches
     assert set(counts) == {4, 5} and 30 <= min(sizes) and max(sizes) <= 44
     assert any(len({t.shape for t in scenes.sample("cluttered", i).things}) < 4
                for i in range(10))  # shapes repeat
@@ -145,9 +145,9 @@ def test_text_and_caption_stages_label_every_assistant_token():
     inputs = train.batch_inputs(processor, batch, texts=texts)
     assert "pixel_values" not in inputs
     tokens = processor.tokenizer.convert_ids_to_tokens
-    for sample, text, labels in zip(batch, texts, inputs["labels"]):
+    for i, (sample, text, labels) in enumerate(zip(batch, texts, inputs["labels"])):
         caption = scenes.caption(sample.things).split()
-        answers = [a for _, a in train.dialogue(sample, 3, "")]
+        answers = [a for _, a in train.dialogue(sample, 3, f"t/{i}")]
         expected = [*caption, "</s>", *[w for a in answers for w in (a, "</s>")]]
         assert tokens(labels[labels != -100].tolist()) == expected
         assert text.startswith(f"USER: {' '.join(caption)}\n ASSISTANT: ")
@@ -239,3 +239,24 @@ def test_patch_heads_learn_shapes_from_object_means():
     with torch.no_grad():
         heads.object_shape.weight[:, 1:5] = torch.eye(4)[[1, 2, 3, 0]]  # every object's shape wrong
     assert heads.loss(features.flatten(0, 1), batch) > 10
+
+
+def test_prompt_message_is_the_question_in_the_world_prompt():
+    """The world's tokenizer decodes a prompt as the template wrote it, so ``prompt="message"``
+    finds exactly the question's tokens (not USER, ASSISTANT or the colons)."""
+    from zspaprune_ops.checkpoint import prompt_text
+    from zspaprune_ops.prompt import ChatLayout, prompt_positions
+
+    processor = build_processor()
+    tokenizer = processor.tokenizer
+    image = tokenizer.convert_tokens_to_ids("<image>")
+    layout = ChatLayout.of(processor)
+    for index in range(6):
+        question = scenes.sample("cluttered" if index % 2 else "test", index).question
+        ids = processor(images=scenes.sample("test", 0).image, text=prompt_text(
+            processor, question), return_tensors="pt")["input_ids"][0].tolist()
+        assert ids.count(image) == 256
+        (positions,) = prompt_positions(ids, [ids.index(image)], [image], layout, "message")
+        assert [ids[p] for p in positions] == tokenizer(question)["input_ids"]
+        (everything,) = prompt_positions(ids, [ids.index(image)], [image], layout, "all")
+        assert len(everything) == len(positions) + 4  # USER : ... ASSISTANT :

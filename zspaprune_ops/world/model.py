@@ -20,14 +20,19 @@ WORDS = ("USER", "ASSISTANT", ":", "?", "What", "color", "is", "the", "Which", "
 
 
 def build_tokenizer():
-    """A word-level tokenizer over ``WORDS`` (splits on whitespace and punctuation)."""
+    """A word-level tokenizer over ``WORDS`` (splits on whitespace and punctuation; decodes
+    ``USER: What color is the circle? ASSISTANT:`` back as written, newlines as spaces)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {word: i for i, word in enumerate((*SPECIAL_TOKENS, *WORDS))}
     words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
-    words.decoder = decoders.WordPiece()  # joins words with spaces
+    # joins words with spaces but none before "?" or ":", so that a decoded prompt reads as the
+    # chat template wrote it ("USER: ... circle? ASSISTANT:") and prompt="message" finds the
+    # user's words in it
+    words.decoder = decoders.Sequence([decoders.WordPiece(cleanup=True),
+                                       decoders.Replace(" :", ":")])
     return PreTrainedTokenizerFast(
         tokenizer_object=words, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})

@@ -15,7 +15,8 @@ background tinted and speckled at random, with 4-8 thin grey clutter strokes. Tw
 
 - cluttered: 4 or 5 smaller objects, 30-44 px (2-3 patches), distinct colours, shapes drawn
   with repeats; every question is about one object: ``What color is the <shape>?`` for a shape
-  the scene holds once, or ``Which shape is <colour>?``, half each. There prompt-awareness is
+  the scene holds once, or ``Which shape is <colour>?``, half each (a colour question becomes
+  a shape question where no shape is alone). There prompt-awareness is
   supposed to pay: the named object is a small part of a busy picture.
 
 Every answer is one word and one token of the world's tokenizer. Chance accuracy, answering
@@ -81,8 +82,10 @@ def sample(split, index: int) -> Sample:
         things = _place(rng, rng.choice((2, 3)), (48, 76), repeat_shapes=False)
     image = _draw(rng, things)
     kind = (KINDS[rng.randrange(2)] if split in CLUTTERED else KINDS[rng.randrange(len(KINDS))])
+    if kind == "color" and not _unique_shapes(things):
+        kind = "shape"  # every shape twice: "What color is the <shape>?" would be ambiguous
     if kind == "color":
-        thing = rng.choice(_unique_shapes(things) or things)
+        thing = rng.choice(_unique_shapes(things))
         question, answer = f"What color is the {thing.shape}?", thing.colour
     elif kind == "shape":
         thing = rng.choice(things)
