@@ -30,6 +30,7 @@ import random
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 224
@@ -116,18 +117,14 @@ def patch_labels(things, min_pixels: int = 20) -> Tuple[List[int], List[int]]:
     draw = ImageDraw.Draw(mask)
     for index, thing in enumerate(things):
         _draw_thing(draw, thing, fill=index + 1)
-    side, pixels = IMAGE_SIZE // PATCH_SIZE, mask.load()
-    shapes, colours = [], []
-    for row in range(side):
-        for col in range(side):
-            counts = [0] * (len(things) + 1)
-            for y in range(row * PATCH_SIZE, (row + 1) * PATCH_SIZE):
-                for x in range(col * PATCH_SIZE, (col + 1) * PATCH_SIZE):
-                    counts[pixels[x, y]] += 1
-            best = max(range(1, len(counts)), key=counts.__getitem__)
-            thing = things[best - 1] if counts[best] >= min_pixels else None
-            shapes.append(0 if thing is None else 1 + SHAPES.index(thing.shape))
-            colours.append(0 if thing is None else 1 + list(COLOURS).index(thing.colour))
+    side = IMAGE_SIZE // PATCH_SIZE
+    owner = np.asarray(mask).reshape(side, PATCH_SIZE, side, PATCH_SIZE).transpose(0, 2, 1, 3)
+    counts = np.stack([(owner == k).sum(axis=(2, 3)) for k in range(1, len(things) + 1)])
+    best = counts.argmax(0).reshape(-1)  # the first thing on ties, as before
+    covered = counts.max(0).reshape(-1) >= min_pixels
+    shapes = [1 + SHAPES.index(things[k].shape) if on else 0 for k, on in zip(best, covered)]
+    colours = [1 + list(COLOURS).index(things[k].colour) if on else 0
+               for k, on in zip(best, covered)]
     return shapes, colours
 
 

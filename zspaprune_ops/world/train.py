@@ -170,10 +170,10 @@ class PatchHeads(torch.nn.Module):
 class Recipe:
     """Steps per stage (see the module docstring) and the shared settings."""
 
-    vision_steps: int = 400
-    text_steps: int = 150
-    align_steps: int = 200
-    steps: int = 600
+    vision_steps: int = 300
+    text_steps: int = 100
+    align_steps: int = 150
+    steps: int = 350
     batch_size: int = 16
     lr: float = 2e-3
     seed: int = 0
