@@ -57,6 +57,7 @@ def study(model, processor, split: str, count: int, keeps):
     on_named = {(p, k): [] for p in PROMPTS for k in keeps}
     auc = {p: [] for p in PROMPTS}
     random_covered = {k: [] for k in keeps}
+    dilution = []  # cosine of the user's words' mean embedding to the named word's
     index = 0
     while len(random_covered[keeps[0]]) < count:
         sample = scenes.sample(split, index)
@@ -71,9 +72,11 @@ def study(model, processor, split: str, count: int, keeps):
                            return_tensors="pt")
         visual = image_features(model, inputs["pixel_values"])  # [N, D]
         n, m = len(visual), int(target.sum())
+        means = {}
         for prompt in PROMPTS:
             prompt_rows = prompt_embeddings(model, processor, layout, inputs["input_ids"][0],
                                             sample.question, prompt)
+            means[prompt] = prompt_rows.mean(0)
             scores = torch.nn.functional.cosine_similarity(
                 visual, prompt_rows.mean(0, keepdim=True), dim=-1)
             named, rest = scores[target], scores[background]
@@ -85,7 +88,9 @@ def study(model, processor, split: str, count: int, keeps):
                 on_named[prompt, keep].append(target[top].float().mean().item())
         for keep in keeps:
             random_covered[keep].append(1 - math.comb(n - m, keep) / math.comb(n, keep))
-    return hits, on_named, auc, random_covered
+        dilution.append(torch.nn.functional.cosine_similarity(
+            means["message"], means["named word"], dim=0).item())
+    return hits, on_named, auc, random_covered, sum(dilution) / len(dilution)
 
 
 def main():
@@ -110,8 +115,10 @@ def main():
                   f"shape {share:.1%}; mean cosine to their colour word {cosines['colour']:.3f}, "
                   f"shape word {cosines['shape']:.3f}, other colour words "
                   f"{cosines['other colour']:.3f}")
-            hits, on_named, auc, random_covered = study(model, processor, split, args.questions,
-                                                        keeps)
+            hits, on_named, auc, random_covered, dilution = study(
+                model, processor, split, args.questions, keeps)
+            print(f"{split}: cosine of the question's mean word embedding to its named word's "
+                  f"{dilution:.3f}")
             data = f"shapes-world {split} (seed {scenes.split_seed(split)})"
             name = "shapes-world LLaVA (shipped)" if args.model is None else Path(args.model).name
             shape = {"model": name, "data": data,
@@ -126,7 +133,8 @@ def main():
                              "random_covered": sum(random_covered[keep]) / len(outcome),
                              "auc": sum(auc[prompt]) / len(auc[prompt]),
                              "hits": "".join(map(str, outcome)),
-                             "word_alignment": {"nearest_is_own_word": share, **cosines}, **env})
+                             "word_alignment": {"nearest_is_own_word": share, **cosines},
+                             "question_mean_to_named_word": dilution, **env})
                 print(f"{split} keep {keep:3d} prompt {prompt:10s}: covers the named object in "
                       f"{rows[-1]['covered']:.1%} (random {rows[-1]['random_covered']:.1%}), "
                       f"{rows[-1]['on_named']:.1%} of the picks on it, AUC {rows[-1]['auc']:.3f}")

@@ -187,3 +187,31 @@ def test_fused_graph_needs_a_gpu_and_the_model_predicts_known_gpus(monkeypatch):
     assert 10 < predicted < 1000
     monkeypatch.setattr(results, "device_name", lambda device: "NVIDIA A10G")
     assert bench_select._prediction(shape, torch.device("cuda")) == {}
+
+
+def test_render_accuracy_per_data_set_with_paired_differences_and_coverage():
+    """Two eval runs (two data sets) render as two tables, each with its paired differences
+    against DivPrune; coverage rows render per data set with the message - all difference."""
+    env = {"device": "cpu", "torch": "t", "triton": "x", "commit": "c", "date": "d"}
+
+    def row(data, method, budget, keep, right):
+        shape = {"model": "m", "data": data, "questions": 4, "N": 256, "budget": budget}
+        return {"bench": "accuracy", "shape": shape, "impl": method, "method": method,
+                "keep": keep, "accuracy": right.count("1") / 4, "correct": right.count("1"),
+                "ci95": [0, 1], "agreement": 1.0, "agree": 4, "right": right, **env}
+
+    rows = []
+    for data in ("world test", "world cluttered"):
+        rows += [row(data, "unpruned", 1.0, 256, "1111"),
+                 row(data, "ratio 0 (DivPrune)", 0.05, 13, "1100"),
+                 row(data, "ratio 1 (relevance only)", 0.05, 13, "1011")]
+    for prompt, hits in (("all", "0011"), ("message", "1111")):
+        rows.append({"bench": "relevance_coverage", "prompt": prompt, "impl": prompt, "keep": 13,
+                     "shape": {"model": "m", "data": "world cluttered", "questions": 4,
+                               "N": 256, "budget": 0.05},
+                     "covered": hits.count("1") / 4, "on_named": 0.1, "random_covered": 0.3,
+                     "auc": 0.6, "hits": hits, **env})
+    text = results.render(rows)
+    assert text.count("| 5% (13 tokens) | +25.0 ± ") == 2  # 1011 - 1100, per data set
+    assert "m on world test" in text and "m on world cluttered" in text
+    assert "| 13 | 50.0 (10.0) | 100.0 (10.0) | 30.0 | +50.0 ± " in text

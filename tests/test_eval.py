@@ -176,3 +176,14 @@ def test_bad_options_are_usage_errors(capsys, argv, message):
     assert exit_info.value.code == 2 and err.startswith("usage: zspaprune eval ")
     errors = [text for text in err.splitlines() if "error:" in text]
     assert len(errors) == 1 and message in errors[0], err
+
+
+def test_paired_difference_counts_discordant_questions():
+    from zspaprune_ops.eval.report import paired_cell, paired_difference
+
+    mean, half, only_first, only_second = paired_difference("1101", "0111")
+    assert (mean, only_first, only_second) == (0.0, 1, 1)
+    assert half == pytest.approx(1.96 * (2 / 3) ** 0.5 / 2)  # sd of [1, 0, -1, 0] over sqrt(4)
+    assert paired_cell("1111", "0000") == "+100.0 ± 0.0 (4/0)"
+    with pytest.raises(ValueError, match="one length"):
+        paired_difference("10", "1")
