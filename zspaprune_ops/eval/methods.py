@@ -41,8 +41,8 @@ class Method:
         if self.name == "zspaprune":
             return zspaprune_ops.prune(model, keep=keep, relevance_ratio=self.ratio,
                                        processor=processor)
-        return zspaprune_ops.prune(model, keep=keep, selector=baseline_selector(self.name,
-                                                                                generator))
+        return zspaprune_ops.prune(model, keep=keep, processor=processor,  # no fallback warning
+                                   selector=baseline_selector(self.name, generator))
 
 
 def baseline_selector(method: str, generator: torch.Generator):
