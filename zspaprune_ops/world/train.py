@@ -1,8 +1,9 @@
 """Train the shapes world's LLaVA: ``python -m zspaprune_ops.world.train``.
 
-Four stages, LLaVA's recipe on a from-scratch model, AdamW, each stage with a linear warm-up
-then cosine decay, each step on the next fresh scenes (a ``--cluttered-share`` of each batch
-from the cluttered layout's train split, the rest standard), so no scene repeats:
+Up to four stages, LLaVA's recipe on a from-scratch model (the defaults run stages 1 and 4:
+see below), AdamW, each stage with a linear warm-up then cosine decay, each step on the next
+fresh scenes (a ``--cluttered-share`` of each batch from the cluttered layout's train split, the
+rest standard), so no scene repeats:
 
 1. vision (``--vision-steps``): the vision tower and projector alone on training-only patch
    heads (``PatchHeads``), standing in for a pretrained CLIP: a from-scratch tower learns
