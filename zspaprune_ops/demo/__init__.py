@@ -4,8 +4,8 @@ With no arguments it runs offline on the embedded default: the small LLaVA train
 world (``zspaprune_ops.world``; 256 visual tokens per 224 px image, weights shipped in
 ``zspaprune_ops/assets/shapes_llava``), asked a question of that world about a test-split scene,
 so each budget's answer can be read against the unpruned answer and the ground truth.
-``--model`` takes a local LLaVA, LLaVA-NeXT, Qwen2.5-VL or Qwen3-VL checkpoint folder instead
-(default image: the bundled sample picture).
+``--model`` takes a local checkpoint folder of any supported family instead
+(``zspaprune_ops.models.families()``; default image: the bundled sample picture).
 
 For the unpruned model and each budget it measures what the budget changes (the language
 model's sequence length and the memory its prefill adds: activations and KV cache), the greedy
@@ -25,6 +25,7 @@ from zspaprune_ops._validate import FEATURE_DTYPES
 from zspaprune_ops.checkpoint import DEMO_PROMPT, SAMPLE_IMAGE, load_model, prompt_text
 from zspaprune_ops.choice import Budget
 from zspaprune_ops.errors import UsageError
+from zspaprune_ops.models import family_names
 from zspaprune_ops.rule import core_size
 from zspaprune_ops.testing.measure import interleaved_medians, peak_bytes, resident_bytes
 
@@ -277,7 +278,7 @@ def main(args: argparse.Namespace) -> DemoResult:
     if args.model is None:
         note = ("model: the shapes-world LLaVA shipped with zspaprune (a small LLaVA trained on "
                 "synthetic scenes of coloured shapes; see docs/eval.md). Pass --model PATH for "
-                "a real LLaVA, LLaVA-NeXT, Qwen2.5-VL or Qwen3-VL checkpoint.")
+                f"a real {family_names()} checkpoint.")
     else:
         note = f"model: {args.model} ({type(model).__name__}, {dtype}, {device})"
     image_tokens, prompt, rows, whole = run(
