@@ -41,8 +41,9 @@ class Method:
         if self.name == "zspaprune":
             return zspaprune_ops.prune(model, keep=keep, relevance_ratio=self.ratio,
                                        processor=processor)
-        return zspaprune_ops.prune(model, keep=keep, selector=baseline_selector(self.name,
-                                                                                generator))
+        # processor: the same items as ZSPAPrune's (Gemma 3's pan-and-scan views of one image)
+        return zspaprune_ops.prune(model, keep=keep, processor=processor,
+                                   selector=baseline_selector(self.name, generator))
 
 
 def baseline_selector(method: str, generator: torch.Generator):
