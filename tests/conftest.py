@@ -43,6 +43,9 @@ SLOW_TESTS = {
         "wheel build and install: 5 s",
     "test_world.py::test_training_script_runs_a_few_steps_and_saves_a_loadable_model":
         "training: 4 s",
+    "test_demo.py::test_demo_runs_the_new_families_and_draws_their_views":
+        "a tiny OneVision / InternVL / Gemma 3 through the whole demo: 1-4 s each when the "
+        "machine is quiet, 3-12 s under load",
     "test_llava_onevision.py::test_eager_and_sdpa_attention_give_the_same_results":
         "loads the eager model too: 5 s (load average 3)",
 }

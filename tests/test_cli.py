@@ -83,8 +83,9 @@ def test_demo_unreadable_image_and_model_folder_are_usage_errors(capsys, tmp_pat
     assert_one_error_line(err, "demo", f"--image {bad_image}: not an image Pillow can read")
     err, _ = usage_error(capsys, ["demo", "--model", str(tmp_path), "--out",
                                   str(tmp_path / "o.png")])
-    assert_one_error_line(err, "demo", f"--model {tmp_path}: not a loadable LLaVA, LLaVA-NeXT, "
-                                       "Qwen2.5-VL or Qwen3-VL checkpoint (")
+    assert_one_error_line(err, "demo", f"--model {tmp_path}: not a loadable Gemma 3, InternVL, "
+                                       "LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL or "
+                                       "Qwen3-VL checkpoint (")
     assert not (tmp_path / "o.png").exists()
 
 

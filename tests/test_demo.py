@@ -23,8 +23,10 @@ from zspaprune_ops.checkpoint import DEMO_PROMPT, SAMPLE_IMAGE, load, prompt_tex
 from zspaprune_ops.cli import build_parser  # noqa: E402
 from zspaprune_ops.models.llava import ZSPAPruneLlava  # noqa: E402
 from zspaprune_ops.testing.measure import interleaved_medians  # noqa: E402
+from zspaprune_ops.demo.grids import token_grids  # noqa: E402
 from zspaprune_ops.demo.overlay import (CORE_COLOUR, FILL_COLOUR, Budget,  # noqa: E402
-                                        draw_overlay, figure_layout, token_grids)
+                                        draw_overlay, figure_layout, views)
+from zspaprune_ops.models import wrapper_class  # noqa: E402
 from zspaprune_ops.prompt import ChatLayout, prompt_positions  # noqa: E402
 from zspaprune_ops.reference import naive  # noqa: E402
 from zspaprune_ops.rule import core_size  # noqa: E402
@@ -48,14 +50,20 @@ def model_inputs(model, processor, image, prompt=DEMO_PROMPT):
 def reference_selection(model, processor, inputs, keep, ratio):
     """The reference rule on the wrapper's own candidates and the demo's relevance prompt (the
     user's words where the model has a chat template): (kept, core) of the first image."""
-    wrapped = ZSPAPruneLlava(model, keep=keep, relevance_ratio=ratio, prompt="all")
+    family = wrapper_class(model)
+    wrapped = family(model, keep=keep, relevance_ratio=ratio, prompt="all")
+    names = ("input_ids", "pixel_values", "attention_mask", *family.visual_inputs)
     with torch.no_grad():
-        features = wrapped.prune_inputs(**{k: v for k, v in inputs.items()}).image_features[0]
-        embeds = model.get_input_embeddings()(inputs["input_ids"])[0]
+        features = wrapped.prune_inputs(**{k: v for k, v in inputs.items()
+                                           if k in names}).image_features[0]
+        ids = inputs["input_ids"].masked_fill(inputs["input_ids"] >= model.config.get_text_config()
+                                              .vocab_size, 0)  # Gemma 3's image id: no row
+        embeds = model.get_input_embeddings()(ids)[0]
     ids, image = inputs["input_ids"][0].tolist(), model.config.image_token_id
     layout = ChatLayout.of(processor)
+    inserted = re.compile(family.inserted_text) if family.inserted_text else None
     (positions,) = prompt_positions(ids, [ids.index(image)], [image], layout,
-                                    "message" if layout else "all")
+                                    "message" if layout else "all", inserted)
     prompt_mask = torch.zeros(len(ids), dtype=torch.bool)
     prompt_mask[positions] = True
     newline = getattr(model.model, "image_newline", None)  # LLaVA-NeXT's: never a candidate
@@ -69,9 +77,9 @@ def reference_selection(model, processor, inputs, keep, ratio):
     return kept.tolist(), core.tolist()
 
 
-def framed_cells(png, layout, grid, grid_index, budget_index):
+def framed_cells(png, layout, grid, view_index, budget_index):
     """{(row, col): colour} of the cells whose top-left pixel is a frame colour."""
-    left, top = layout.origin(grid_index, budget_index)
+    left, top = layout.origin(view_index, budget_index)
     cells = {}
     for row in range(grid.rows):
         for col in range(grid.cols):
@@ -99,9 +107,11 @@ def check_png(result, model, processor, image):
     panels = [Budget("", row.kept, row.core, row.text) for row in pruned]
     layout = figure_layout(grids, panels, header=["question", "unpruned answer"])
     assert png.size == layout.size
-    for g, grid in enumerate(grids):
-        for b, row in enumerate(pruned):
-            assert framed_cells(png, layout, grid, g, b) == expected_cells(grid, row.kept, row.core)
+    for v, view in enumerate(views(grids)):
+        for grid in view:
+            for b, row in enumerate(pruned):
+                assert framed_cells(png, layout, grid, v, b) == expected_cells(grid, row.kept,
+                                                                               row.core)
     return grids
 
 
@@ -342,3 +352,68 @@ def test_demo_runs_a_qwen_checkpoint(tmp_path):
     folder = build_tiny_qwen(tmp_path / "qwen", "qwen2_5_vl")
     result = run_demo("--model", str(folder), "--keep", "8", "--out", str(tmp_path / "kept.png"))
     assert [row.keep for row in result.rows] == [None, 8] and len(result.rows[1].kept) == 8
+
+
+def _new_family(name, folder):
+    from zspaprune_ops.testing import tiny_gemma3, tiny_internvl, tiny_onevision
+
+    if name == "llava_onevision":
+        return Path(tiny_onevision.build_tiny_onevision(folder))
+    if name == "internvl":
+        return Path(tiny_internvl.build_tiny_internvl(folder))
+    return Path(tiny_gemma3.build_tiny_gemma3(folder))
+
+
+@pytest.mark.parametrize("family, views_drawn", [
+    ("llava_onevision", ["base grid", "high-res grid"]),
+    ("internvl", ["tiles", "thumbnail"]),
+    ("gemma3", [""]),  # its processor's default: no pan-and-scan
+])
+def test_demo_runs_the_new_families_and_draws_their_views(tmp_path, capsys, family, views_drawn):
+    """OneVision (base + unpadded grid with newlines), InternVL (tiles + thumbnail) and Gemma 3
+    (one view) through ``zspaprune demo --model``: each budget's
+    kept tokens and core are the reference rule's on the wrapper's features (OneVision's
+    processor gives ``batch_num_images``, Gemma 3's ``token_type_ids``), every kept patch is
+    framed in its view, where the image processor put it, and no other."""
+    from zspaprune_ops.checkpoint import load
+
+    folder = _new_family(family, tmp_path / family)
+    wide = Image.open(SAMPLE_IMAGE).convert("RGB").resize((96, 40))
+    wide.save(tmp_path / "wide.png")
+    result = run_demo("--model", str(folder), "--image", str(tmp_path / "wide.png"), "--keep",
+                      "0.5", "0.2", "--out", str(tmp_path / "kept.png"))
+    assert "no overlay" not in capsys.readouterr().out
+    model, processor = load(str(folder), torch.device("cpu"), torch.float32)
+    inputs = dict(model_inputs(model, processor, wide))
+    n = result.image_tokens
+    assert n == int((inputs["input_ids"] == model.config.image_token_id).sum())
+    for row in result.rows[1:]:
+        assert row.sequence_length == result.rows[0].sequence_length - n + row.keep
+        assert (row.kept, row.core) == reference_selection(model, processor, inputs, row.keep,
+                                                           0.5)
+    grids = check_png(result, model, processor, wide)
+    assert [view[0].name for view in views(grids)] == views_drawn
+    assert sum(g.rows * g.cols for g in grids) == n - (  # every token drawn but newlines
+        grids[-1].rows if family == "llava_onevision" else 0)
+
+
+def test_gemma3_pan_and_scan_crops_are_drawn_where_the_processor_cut_them():
+    """Gemma 3's crops: the original view, then the crops side by side along the longer side;
+    each crop's pixels are the image processor's own on the box the overlay draws it in."""
+    from zspaprune_ops.testing.tiny_gemma3 import build_config, build_processor
+
+    config = build_config()
+    processor = build_processor(config)
+    image = Image.open(SAMPLE_IMAGE).convert("RGB").resize((100, 36))
+    text = prompt_text(processor, "Where is the cat?")
+    out = processor(images=image, text=text, return_tensors="pt", do_pan_and_scan=True,
+                    pan_and_scan_min_crop_size=16)
+    tokens = int((out["input_ids"] == config.image_token_id).sum())
+    grids, note = token_grids(config, processor.image_processor, image.size, tokens)
+    assert [view[0].name for view in views(grids)] == ["original view", "pan-and-scan crops"]
+    assert len(grids) == len(out["pixel_values"]) == 4 and "3 pan-and-scan crops" in note
+    assert [g.box for g in grids[1:]] == [(0, 0, 34, 36), (34, 0, 68, 36), (68, 0, 100, 36)]
+    for grid, pixels in zip(grids, out["pixel_values"]):
+        alone = processor.image_processor(image.crop(grid.box), return_tensors="pt")
+        torch.testing.assert_close(alone["pixel_values"][0], pixels)
+    assert [g.offset for g in grids] == [0, 16, 32, 48]

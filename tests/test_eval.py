@@ -187,3 +187,41 @@ def test_paired_difference_counts_discordant_questions():
     assert paired_cell("1111", "0000") == "+100.0 ± 0.0 (4/0)"
     with pytest.raises(ValueError, match="one length"):
         paired_difference("10", "1")
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "internvl", "gemma3"])
+def test_eval_runs_the_new_families_through_the_front_door(tmp_path, capsys, family):
+    """``zspaprune eval --model`` on a tiny OneVision / InternVL / Gemma 3 checkpoint (its
+    processor loaded without torchvision): the pruned answer it scores is the wrapper's own
+    greedy answer at that budget (the file's answer is that answer, and it is scored right)."""
+    from PIL import Image
+
+    from zspaprune_ops.checkpoint import SAMPLE_IMAGE, load, prompt_text
+    from zspaprune_ops.testing import tiny_gemma3, tiny_internvl, tiny_onevision
+
+    build = {"llava_onevision": tiny_onevision.build_tiny_onevision,
+             "internvl": tiny_internvl.build_tiny_internvl,
+             "gemma3": tiny_gemma3.build_tiny_gemma3}[family]
+    folder = build(tmp_path / family)
+    Image.open(SAMPLE_IMAGE).convert("RGB").resize((96, 40)).save(tmp_path / "wide.png")
+    question = "What is in front of the red house?"
+    argv = ["--model", str(folder), "--methods", "zspaprune", "--ratios", "0.5", "--budgets",
+            "0.5", "--max-new-tokens", "3"]
+    line = {"image": "wide.png", "question": question, "answers": ["unknown"]}
+    (tmp_path / "q.jsonl").write_text(json.dumps(line) + "\n")
+    rows, _ = eval_rows(tmp_path, capsys, "--data", str(tmp_path / "q.jsonl"), *argv)
+    keep = int(rows[1]["keep"])
+    assert rows[0]["keep"] > keep >= 1 and rows[1]["method"] == "ratio 0.5"
+
+    model, processor = load(str(folder), torch.device("cpu"), torch.float32)
+    inputs = processor(images=Image.open(tmp_path / "wide.png"),
+                       text=prompt_text(processor, question), return_tensors="pt")
+    wrapped = zspaprune_ops.prune(model, keep=keep, relevance_ratio=0.5, processor=processor)
+    with torch.inference_mode():
+        out = wrapped.generate(**inputs, max_new_tokens=3, do_sample=False)
+    answer = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:],
+                                        skip_special_tokens=True)
+    line["answers"] = [answer]
+    (tmp_path / "q.jsonl").write_text(json.dumps(line) + "\n")
+    rows, _ = eval_rows(tmp_path, capsys, "--data", str(tmp_path / "q.jsonl"), *argv)
+    assert rows[1]["correct"] == 1 and rows[1]["keep"] == keep

@@ -37,10 +37,20 @@ def _tiny_qwen(folder):
     return build_tiny_qwen(folder, "qwen2_5_vl")
 
 
+def _tiny(module: str, builder: str):
+    def build(folder):
+        import importlib
+        return getattr(importlib.import_module(f"zspaprune_ops.testing.{module}"), builder)(folder)
+    return build
+
+
 CHECKPOINTS = {
     "path/to/llava-1.5-7b-hf": _tiny_llava("llava"),
     "path/to/llava-v1.6-mistral-7b-hf": _tiny_llava("llava_next"),
     "path/to/Qwen2.5-VL-7B-Instruct": _tiny_qwen,
+    "path/to/llava-onevision-qwen2-7b-ov-hf": _tiny("tiny_onevision", "build_tiny_onevision"),
+    "path/to/InternVL3-8B-hf": _tiny("tiny_internvl", "build_tiny_internvl"),
+    "path/to/gemma-3-4b-it": _tiny("tiny_gemma3", "build_tiny_gemma3"),
 }
 """README checkpoint placeholder -> function saving a tiny model of that family to a folder."""
 
@@ -178,3 +188,39 @@ def test_links_to_files_resolve(page):
             headings = re.findall(r"^#+ (.*)$", resolved.read_text(), re.M)
             slugs = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
             assert anchor in slugs, f"{page}: no heading #{anchor} in {path or page}"
+
+
+def _table(text: str, header: str):
+    """The rows (lists of cells) of the Markdown table whose header line starts with
+    ``header``."""
+    lines = text[text.index(header):].split("\n")
+    rows = []
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_family_tables_name_every_registered_family_and_its_defaults():
+    """README's and docs/families.md's family tables list exactly the registry's families
+    (``zspaprune_ops.models.families()``), with each wrapper's default positions and, in
+    docs/families.md, its Hugging Face class."""
+    from zspaprune_ops.models import families, wrapper_class
+
+    registry = {family.name: family for family in families()}
+    readme = _table(README, "| family | images |")
+    assert sorted(row[0] for row in readme) == sorted(registry)
+    docs = _table(PAGES["docs/families.md"], "| family (class) |")
+    names = {}
+    for row in docs:
+        name, model_class = re.fullmatch(r"(.+?) \(`(\w+)`[^)]*\)", row[0]).groups()
+        names[name] = model_class
+    assert names == {name: family.model_class for name, family in registry.items()}
+
+    class Stub:  # an instance of the family's class name, for wrapper_class
+        pass
+
+    for row in readme:
+        Stub.__name__ = registry[row[0]].model_class
+        assert row[-1].split()[0] == wrapper_class(Stub()).default_positions, row

@@ -2,8 +2,8 @@
 
 Importing this package registers the op. ``select`` is the friendly wrapper; the pure-PyTorch
 reference is ``zspaprune_ops.reference.select``. ``prune(model)`` /
-``ZSPAPruneModel.from_pretrained(path)`` wrap a Hugging Face LLaVA, LLaVA-NeXT, Qwen2.5-VL or
-Qwen3-VL model (transformers is imported only then).
+``ZSPAPruneModel.from_pretrained(path)`` wrap a Hugging Face model of a supported family
+(``zspaprune_ops.models.families()``; transformers is imported only then).
 """
 from zspaprune_ops import op as _op  # noqa: F401  (registers torch.ops.zspaprune.select)
 from zspaprune_ops._validate import set_value_checks

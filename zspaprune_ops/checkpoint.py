@@ -44,8 +44,10 @@ def load_model(model_path: Optional[str], device: torch.device, dtype: torch.dty
     except Exception as error:  # noqa: BLE001 (a user's folder: any failure is a usage error)
         if model_path is None:
             raise
-        raise UsageError(f"--model {model_path}: not a loadable LLaVA, LLaVA-NeXT, Qwen2.5-VL "
-                         f"or Qwen3-VL checkpoint ({one_line_error(error)})") from None
+        from zspaprune_ops.models import family_names
+
+        raise UsageError(f"--model {model_path}: not a loadable {family_names()} checkpoint "
+                         f"({one_line_error(error)})") from None
 
 
 def prompt_text(processor, question: str) -> str:

@@ -187,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     sel.set_defaults(run=_select_command, command_parser=sel)
 
     demo = commands.add_parser(
-        "demo", help="prune a LLaVA model at a few budgets: timings, memory, text, overlay PNG",
-        description="Prune a LLaVA model's visual tokens at a few budgets; print tokens kept, "
+        "demo", help="prune a model at a few budgets: timings, memory, text, overlay PNG",
+        description="Prune a model's visual tokens at a few budgets; print tokens kept, "
                     "prefill time, the language model's prefill memory and the generated text "
                     "against the unpruned model, and draw the kept patches. Runs offline on "
                     "the shipped shapes-world model and a scene of its world unless --model "
@@ -255,8 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _model_options(command) -> None:
     """--model, --device and --dtype: how the demo and eval load a model."""
+    from zspaprune_ops.models import family_names
+
     command.add_argument("--model", type=existing_path,
-                         help="local LLaVA, LLaVA-NeXT, Qwen2.5-VL or Qwen3-VL checkpoint folder "
+                         help=f"local checkpoint folder of a supported family ({family_names()}) "
                               "(default: the shipped shapes-world model)")
     command.add_argument("--device", type=device,
                          help="torch device (default: cuda if available, else cpu)")

@@ -4,8 +4,8 @@ With no arguments it runs offline on the embedded default: the small LLaVA train
 world (``zspaprune_ops.world``; 256 visual tokens per 224 px image, weights shipped in
 ``zspaprune_ops/assets/shapes_llava``), asked a question of that world about a test-split scene,
 so each budget's answer can be read against the unpruned answer and the ground truth.
-``--model`` takes a local LLaVA, LLaVA-NeXT, Qwen2.5-VL or Qwen3-VL checkpoint folder instead
-(default image: the bundled sample picture).
+``--model`` takes a local checkpoint folder of any supported family instead
+(``zspaprune_ops.models.families()``; default image: the bundled sample picture).
 
 For the unpruned model and each budget it measures what the budget changes (the language
 model's sequence length and the memory its prefill adds: activations and KV cache), the greedy
@@ -25,6 +25,7 @@ from zspaprune_ops._validate import FEATURE_DTYPES
 from zspaprune_ops.checkpoint import DEMO_PROMPT, SAMPLE_IMAGE, load_model, prompt_text
 from zspaprune_ops.choice import Budget
 from zspaprune_ops.errors import UsageError
+from zspaprune_ops.models import family_names
 from zspaprune_ops.rule import core_size
 from zspaprune_ops.testing.measure import interleaved_medians, peak_bytes, resident_bytes
 
@@ -140,15 +141,21 @@ def unknown_words(tokenizer, question: str) -> List[str]:
             if w and unk in tokenizer(w, add_special_tokens=False)["input_ids"]]
 
 
-def relevance_prompt(processor, inputs: dict, image_token_id: int, question: str) -> Prompt:
-    """The question as the wrapper sees it: which tokens form the relevance prompt."""
+def relevance_prompt(processor, inputs: dict, image_token_id: int, question: str,
+                     inserted: Optional[str] = None) -> Prompt:
+    """The question as the wrapper sees it: which tokens form the relevance prompt
+    (``inserted``: the family's regex of text its processor writes beside an image, never
+    prompt: ``ZSPAPruneModel.inserted_text``)."""
+    import re
+
     from zspaprune_ops.prompt import ChatLayout, prompt_positions
 
     layout = ChatLayout.of(processor)
     mode = "message" if layout is not None else "all"
     ids = inputs["input_ids"][0].tolist()
     first_image = ids.index(image_token_id)
-    (positions,) = prompt_positions(ids, [first_image], [image_token_id], layout, mode)
+    (positions,) = prompt_positions(ids, [first_image], [image_token_id], layout, mode,
+                                    re.compile(inserted) if inserted else None)
     tokenizer = processor.tokenizer
     # the user's message as written: its prompt tokens and the blank ones between them
     text = tokenizer.decode(ids[positions[0]:positions[-1] + 1]) if positions else ""
@@ -162,6 +169,7 @@ def run(model, processor, image, question: str, budgets, relevance_ratio: float,
     """Measure the unpruned model and each budget that prunes the image; returns (image_tokens,
     prompt, rows, budgets that keep the image whole), the unpruned row first."""
     from zspaprune_ops import prune
+    from zspaprune_ops.models import wrapper_class
 
     inputs = processor(images=image, text=prompt_text(processor, question), return_tensors="pt")
     dtype = model.get_input_embeddings().weight.dtype
@@ -170,7 +178,8 @@ def run(model, processor, image, question: str, budgets, relevance_ratio: float,
     input_length = inputs["input_ids"].shape[1]
     image_token_id = model.config.image_token_id
     image_tokens = int((inputs["input_ids"] == image_token_id).sum())
-    prompt = relevance_prompt(processor, inputs, image_token_id, question)
+    prompt = relevance_prompt(processor, inputs, image_token_id, question,
+                              wrapper_class(model).inserted_text)
     pruning, whole = split_budgets(budgets, image_tokens)
     options = dict(relevance_ratio=relevance_ratio, processor=processor, prompt=prompt.mode)
     # keep = image_tokens keeps the image whole: the unpruned model's language-model input
@@ -184,8 +193,8 @@ def run(model, processor, image, question: str, budgets, relevance_ratio: float,
     rows = []
     for (budget, keep), wrapped, time_s in zip([(None, None), *pruning], wrappers, seconds):
         with torch.inference_mode():
-            pruned = wrapped.prune_inputs(**_prune_arguments(inputs))
-        memory = lm_prefill_bytes(model, pruned, device)
+            pruned = wrapped.prune_inputs(**prune_arguments(wrapped, inputs))
+        memory = lm_prefill_bytes(wrapped, pruned, device)
         generator = model if keep is None else wrapped  # both return prompt + new tokens
         with torch.inference_mode():
             new_tokens = generator.generate(**inputs, **generate_kwargs)[0, input_length:]
@@ -200,16 +209,19 @@ def run(model, processor, image, question: str, budgets, relevance_ratio: float,
     return image_tokens, prompt, rows, whole
 
 
-def lm_prefill_bytes(model, pruned, device: torch.device) -> Optional[int]:
-    """Peak bytes the language model's prefill over ``pruned`` adds to what was there before it:
-    its activations and the KV cache it builds, the memory a budget shrinks (the vision tower's
-    is the same at every budget). None where peak memory is not measured."""
+def lm_prefill_bytes(wrapped, pruned, device: torch.device) -> Optional[int]:
+    """Peak bytes the language model's prefill over ``pruned`` (of the wrapper ``wrapped``)
+    adds to what was there before it: its activations and the KV cache it builds, the memory a
+    budget shrinks (the vision tower's is the same at every budget). None where peak memory is
+    not measured."""
+    model = wrapped.model
     embeds, mask = pruned.inputs_embeds, pruned.attention_mask
     positions = pruned.position_ids
 
-    def prefill():
-        return model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                     logits_to_keep=1)
+    def prefill():  # as the wrapper's forward runs it (Gemma 3: with its token_type_ids)
+        with wrapped.language_inputs(pruned):
+            return model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                         logits_to_keep=1, **pruned.forward_kwargs)
 
     peak = peak_bytes(prefill, device)
     if peak is None:
@@ -230,9 +242,10 @@ def language_model_parameters(model) -> int:
             + sum(p.numel() for p in model.get_output_embeddings().parameters()))
 
 
-def _prune_arguments(inputs: dict) -> dict:
-    names = ("input_ids", "pixel_values", "attention_mask", "image_sizes", "image_grid_thw",
-             "mm_token_type_ids")
+def prune_arguments(wrapped, inputs: dict) -> dict:
+    """The processor outputs ``wrapped.prune_inputs`` takes: ids, pixels, mask and the family's
+    ``visual_inputs`` (OneVision's ``batch_num_images``, Gemma 3's ``token_type_ids``...)."""
+    names = ("input_ids", "pixel_values", "attention_mask", *wrapped.visual_inputs)
     return {name: inputs[name] for name in names if name in inputs}
 
 
@@ -247,9 +260,9 @@ def relevance_core(model, inputs: dict, keep: int, kept: List[int], options: dic
     n_core = core_size(keep, options["relevance_ratio"])
     if n_core == 0:
         return []
+    wrapped = prune(model, keep=n_core, **{**options, "relevance_ratio": 1.0})
     with torch.inference_mode():
-        core = prune(model, keep=n_core, **{**options, "relevance_ratio": 1.0}).prune_inputs(
-            **_prune_arguments(inputs)).kept_indices[0].tolist()
+        core = wrapped.prune_inputs(**prune_arguments(wrapped, inputs)).kept_indices[0].tolist()
     if not set(core) <= set(kept):
         raise RuntimeError(f"relevance core {core} is not inside the kept tokens {kept}")
     return core
@@ -260,8 +273,9 @@ def main(args: argparse.Namespace) -> DemoResult:
     writes the overlay, returns the result. Raises UsageError for unusable arguments."""
     from PIL import UnidentifiedImageError
 
+    from zspaprune_ops.demo.grids import token_grids
     from zspaprune_ops.demo.overlay import Budget as Panel
-    from zspaprune_ops.demo.overlay import draw_overlay, token_grids
+    from zspaprune_ops.demo.overlay import draw_overlay
     from zspaprune_ops.demo.report import answer_line, budget_label, report
 
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -277,7 +291,7 @@ def main(args: argparse.Namespace) -> DemoResult:
     if args.model is None:
         note = ("model: the shapes-world LLaVA shipped with zspaprune (a small LLaVA trained on "
                 "synthetic scenes of coloured shapes; see docs/eval.md). Pass --model PATH for "
-                "a real LLaVA, LLaVA-NeXT, Qwen2.5-VL or Qwen3-VL checkpoint.")
+                f"a real {family_names()} checkpoint.")
     else:
         note = f"model: {args.model} ({type(model).__name__}, {dtype}, {device})"
     image_tokens, prompt, rows, whole = run(

@@ -1,15 +1,15 @@
 """Draw which visual tokens a budget kept, on the image the model saw (PIL only).
 
-A ``TokenGrid`` maps a span of an image's token sequence to a grid of boxes on the image;
-``token_grids`` builds them for a LLaVA-1.5, LLaVA-NeXT or Qwen config; ``draw_overlay``
-renders one panel per (grid, budget): kept patches framed in the core or fill colour, dropped
-ones dimmed, each panel titled with its budget and the answer given at it, under header lines
-(the question, the unpruned answer).
+A ``TokenGrid`` maps a span of an image's token sequence to a grid of boxes on the image
+(``zspaprune_ops.demo.grids.token_grids`` builds them per family); grids of one name form a
+*view* (LLaVA-NeXT's base grid, InternVL's tiles, Gemma 3's crops). ``draw_overlay`` renders
+one panel per (view, budget): kept patches framed in the core or fill colour, dropped ones
+dimmed, each panel titled with its budget and the answer given at it, under header lines (the
+question, the unpruned answer).
 """
 from dataclasses import dataclass
-from typing import Sequence
+from typing import List, Sequence
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 CORE_COLOUR = (255, 140, 0)  # relevance core: orange
@@ -30,6 +30,7 @@ class TokenGrid:
 
     ``box`` = (left, top, right, bottom) in original-image pixels; ``row_stride`` > ``cols``
     skips tokens that are not patches (LLaVA-NeXT's image-newline token ending each row).
+    ``name`` is the view the grid belongs to (one row of panels per view).
     """
 
     name: str
@@ -62,14 +63,14 @@ class Budget:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where panels go: one row per grid, one column per budget, below ``header_lines`` lines of
+    """Where panels go: one row per view, one column per budget, below ``header_lines`` lines of
     text and a legend strip; each panel under a title of ``title_lines`` lines.
 
-    Every panel shows its grid's box at ``PANEL`` pixels on the longer side.
+    Every panel shows ``box`` (the box all views cover) at ``PANEL`` pixels on the longer side.
     """
 
     box: tuple
-    n_grids: int
+    n_views: int
     n_budgets: int
     header_lines: int = 0
     title_lines: int = 1
@@ -94,110 +95,50 @@ class Layout:
     def size(self) -> tuple:
         width, height = self.panel
         return (max(LEGEND_WIDTH, GAP + self.n_budgets * (width + GAP)),
-                self.top + self.n_grids * (self.title + height + GAP))
+                self.top + self.n_views * (self.title + height + GAP))
 
-    def origin(self, grid_index: int, budget_index: int) -> tuple:
+    def origin(self, view_index: int, budget_index: int) -> tuple:
         """Top-left pixel of a panel's image area in the figure."""
         width, height = self.panel
         return (GAP + budget_index * (width + GAP),
-                self.top + grid_index * (self.title + height + GAP) + self.title)
+                self.top + view_index * (self.title + height + GAP) + self.title)
 
     def cell_box(self, grid: TokenGrid, row: int, col: int) -> tuple:
         """Pixel box (left, top, right, bottom) of a grid cell inside a panel."""
         width, height = self.panel
-        return (round(col * width / grid.cols), round(row * height / grid.rows),
-                round((col + 1) * width / grid.cols), round((row + 1) * height / grid.rows))
+        scale_x = width / (self.box[2] - self.box[0])
+        scale_y = height / (self.box[3] - self.box[1])
+        left, top = (grid.box[0] - self.box[0]) * scale_x, (grid.box[1] - self.box[1]) * scale_y
+        cell_w = (grid.box[2] - grid.box[0]) * scale_x / grid.cols
+        cell_h = (grid.box[3] - grid.box[1]) * scale_y / grid.rows
+        return (round(left + col * cell_w), round(top + row * cell_h),
+                round(left + (col + 1) * cell_w), round(top + (row + 1) * cell_h))
 
 
-def token_grids(config, image_processor, image_size, image_tokens: int, grid_thw=None):
-    """(grids, note): where each image token sits on the original image.
-
-    LLaVA-1.5: one grid over the processor's centre crop (the note says when it cropped the
-    image). LLaVA-NeXT: the base grid (the whole
-    image resized to one tile) and the high-resolution grid (the AnyRes tiles after unpadding,
-    each row followed by an image-newline token, which is not drawn). Qwen2.5-VL / Qwen3-VL
-    (``grid_thw``: the image's ``image_grid_thw`` row, patches of the resized image): one grid
-    over the whole image, a token per merge x merge patches, in raster order.
-    """
-    vision = config.vision_config
-    width, height = image_size
-    if grid_thw is not None:
-        merge = vision.spatial_merge_size
-        rows, cols = int(grid_thw[1]) // merge, int(grid_thw[2]) // merge
-        if rows * cols != image_tokens:
-            return [], "no grid is drawn (the image's patch grid did not match its tokens)"
-        return ([TokenGrid("", (0, 0, width, height), rows, cols)],
-                f"the image was resized to {int(grid_thw[2]) * vision.patch_size}x"
-                f"{int(grid_thw[1]) * vision.patch_size} px; each token covers {merge}x{merge} "
-                "patches")
-    side = vision.image_size // vision.patch_size
-    cls_offset = 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0
-    if not hasattr(config, "image_grid_pinpoints"):
-        box = _crop_box(width, height, image_processor)
-        grid = TokenGrid("", box, side, side, cls_offset)
-        notes = [] if cls_offset == 0 else ["token 0 is the CLS token (not drawn)"]
-        if box != (0, 0, width, height):
-            notes.append(f"the image was centre-cropped: the overlay shows the part the model "
-                         f"sees, pixels {box[:2]} to {box[2:]} of the {width}x{height} image")
-        return [grid], "; ".join(notes)
-    whole = (0, 0, width, height)
-    base = TokenGrid("base grid", whole, side, side, cls_offset)
-    high_res = _anyres_shape(config, (height, width), side)
-    offset = cls_offset + side * side
-    if high_res is None or offset + high_res[0] * (high_res[1] + 1) != image_tokens:
-        return [base], "only the base grid is drawn (the AnyRes layout did not match the tokens)"
-    rows, cols = high_res
-    grid = TokenGrid("high-res grid", whole, rows, cols, offset, row_stride=cols + 1)
-    return [base, grid], f"image-newline tokens (one per high-res row, {rows}) are not drawn"
+def views(grids: Sequence[TokenGrid]) -> List[List[TokenGrid]]:
+    """The grids grouped by name (each group a view), in order of first appearance."""
+    groups = {}
+    for grid in grids:
+        groups.setdefault(grid.name, []).append(grid)
+    return list(groups.values())
 
 
-def _anyres_shape(config, image_hw, side: int):
-    """(rows, cols) of LLaVA-NeXT's unpadded high-resolution token grid, as the model packs it."""
-    try:
-        from transformers.models.llava_next.modeling_llava_next import (
-            get_anyres_image_grid_shape, unpad_image)
-    except ImportError:
-        return None
-    tiles_h, tiles_w = get_anyres_image_grid_shape(list(image_hw), config.image_grid_pinpoints,
-                                                   config.vision_config.image_size)
-    unpadded = unpad_image(torch.empty(1, tiles_h * side, tiles_w * side), list(image_hw))
-    return tuple(unpadded.shape[1:])
-
-
-def _crop_box(width: int, height: int, image_processor) -> tuple:
-    """The original-image pixels a CLIP-style processor keeps: resize, then centre crop."""
-    size = _size_dict(getattr(image_processor, "size", None))
-    crop = _size_dict(getattr(image_processor, "crop_size", None))
-    scale_x = scale_y = 1.0
-    if getattr(image_processor, "do_resize", True) and size.get("shortest_edge"):
-        scale_x = scale_y = size["shortest_edge"] / min(width, height)
-    elif getattr(image_processor, "do_resize", True) and size.get("height"):
-        scale_x, scale_y = size["width"] / width, size["height"] / height
-    if not (getattr(image_processor, "do_center_crop", False) and crop.get("height")):
-        return (0, 0, width, height)
-    left = (width * scale_x - crop["width"]) / 2 / scale_x
-    top = (height * scale_y - crop["height"]) / 2 / scale_y
-    return (round(left), round(top), round(left + crop["width"] / scale_x),
-            round(top + crop["height"] / scale_y))
-
-
-def _size_dict(size) -> dict:
-    if size is None:
-        return {}
-    if isinstance(size, dict):
-        return {k: v for k, v in size.items() if v is not None}
-    return {k: getattr(size, k) for k in ("shortest_edge", "height", "width")
-            if getattr(size, k, None) is not None}
+def view_box(grids: Sequence[TokenGrid]) -> tuple:
+    """The box the grids cover together."""
+    return (min(g.box[0] for g in grids), min(g.box[1] for g in grids),
+            max(g.box[2] for g in grids), max(g.box[3] for g in grids))
 
 
 def draw_overlay(image: Image.Image, grids: Sequence[TokenGrid], budgets: Sequence[Budget],
                  header: Sequence[str] = ()) -> Image.Image:
     """The figure (RGB): ``header`` lines (e.g. the question), the legend, then one row of
-    panels per grid, one column per budget, each titled with its label and answer; every grid
-    must cover the same box of ``image`` (true of LLaVA-1.5's crop and of LLaVA-NeXT's two
-    grids). Text too wide for the figure or its panel is cut, ending in "..."."""
-    if len({grid.box for grid in grids}) != 1:
-        raise ValueError("all grids must cover the same image box")
+    panels per view (``views``), one column per budget, each titled with its label and answer;
+    every view must cover the same box of ``image`` (LLaVA-1.5's crop; the whole image for the
+    other families' views). Text too wide for the figure or its panel is cut, ending in
+    "..."."""
+    grouped = views(grids)
+    if len({view_box(view) for view in grouped}) != 1:
+        raise ValueError("all views must cover the same image box")
     layout = figure_layout(grids, budgets, header)
     figure = Image.new("RGB", layout.size, (255, 255, 255))
     draw = ImageDraw.Draw(figure)
@@ -206,23 +147,23 @@ def draw_overlay(image: Image.Image, grids: Sequence[TokenGrid], budgets: Sequen
         draw.text((GAP, 3 + index * LINE), _fit(line, layout.size[0] - 2 * GAP, font),
                   fill=(0, 0, 0), font=font)
     _draw_legend(draw, font, layout.header_lines * LINE)
-    view = image.convert("RGB").crop(layout.box).resize(layout.panel, Image.BICUBIC)
-    dimmed = view.point(lambda value: int(value * DIM))
-    for g, grid in enumerate(grids):
+    picture = image.convert("RGB").crop(layout.box).resize(layout.panel, Image.BICUBIC)
+    dimmed = picture.point(lambda value: int(value * DIM))
+    for v, view_grids in enumerate(grouped):
         for b, budget in enumerate(budgets):
             panel = dimmed.copy()
-            cells = _kept_cells(grid, budget)
-            for (row, col) in cells:
-                box = layout.cell_box(grid, row, col)
-                panel.paste(view.crop(box), box[:2])
+            boxes = {layout.cell_box(grid, row, col): in_core for grid in view_grids
+                     for (row, col), in_core in _kept_cells(grid, budget).items()}
+            for box in boxes:
+                panel.paste(picture.crop(box), box[:2])
             panel_draw = ImageDraw.Draw(panel)
-            for (row, col), in_core in cells.items():
-                box = layout.cell_box(grid, row, col)
+            for box, in_core in boxes.items():
                 panel_draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), width=BORDER,
                                      outline=CORE_COLOUR if in_core else FILL_COLOUR)
-            left, top = layout.origin(g, b)
+            left, top = layout.origin(v, b)
             figure.paste(panel, (left, top))
-            title = f"{budget.label} · {grid.name}" if len(grids) > 1 else budget.label
+            name = view_grids[0].name
+            title = f"{budget.label} · {name}" if len(grouped) > 1 and name else budget.label
             lines = [title] + ([budget.answer] if layout.title_lines > 1 else [])
             for index, line in enumerate(lines):
                 draw.text((left, top - layout.title + 3 + index * LINE),
@@ -235,7 +176,9 @@ def figure_layout(grids: Sequence[TokenGrid], budgets: Sequence[Budget],
     """The ``Layout`` ``draw_overlay`` uses: a second title line where any budget has an
     answer."""
     answers = any(budget.answer for budget in budgets)
-    return Layout(grids[0].box, len(grids), len(budgets), len(header), 2 if answers else 1)
+    grouped = views(grids)
+    return Layout(view_box(grouped[0]), len(grouped), len(budgets), len(header),
+                  2 if answers else 1)
 
 
 def _fit(text: str, width: int, font) -> str:

@@ -41,7 +41,8 @@ class Method:
         if self.name == "zspaprune":
             return zspaprune_ops.prune(model, keep=keep, relevance_ratio=self.ratio,
                                        processor=processor)
-        return zspaprune_ops.prune(model, keep=keep, processor=processor,  # no fallback warning
+        # processor: the same items as ZSPAPrune's (Gemma 3's pan-and-scan views of one image)
+        return zspaprune_ops.prune(model, keep=keep, processor=processor,
                                    selector=baseline_selector(self.name, generator))
 
 

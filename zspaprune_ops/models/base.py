@@ -1,14 +1,16 @@
 """``ZSPAPruneModel``: the surface every family's wrapper shares, and the front door ``prune``.
 
-A family is one module in ``zspaprune_ops.models`` defining a subclass with
-``model_class_names`` (the Hugging Face classes it wraps) and ``prune_inputs``; ``prune`` finds
-it by importing every module of the package. Nothing here imports transformers.
+A family is one module in ``zspaprune_ops.models`` defining a subclass with ``families`` (the
+``Family`` records of the Hugging Face classes it wraps) and ``prune_inputs``; ``prune`` finds
+it by importing every module of the package, and ``families()`` is the registry every command
+and document names the supported families from. Nothing here imports transformers.
 """
 import contextlib
 import importlib
 import pkgutil
 import re
-from typing import Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -17,6 +19,17 @@ from zspaprune_ops.dispatch import BACKENDS
 from zspaprune_ops.models.sequence import (PrunedInputs, check_positions, item_prompts,
                                            reject_unpruned_kwargs)
 from zspaprune_ops.prompt import ChatLayout, check_prompt_mode
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family the wrappers support: ``name`` as the documentation writes it
+    ("LLaVA-OneVision"), the ``model_type`` of its Hugging Face config ("llava_onevision") and
+    its Hugging Face class name ("LlavaOnevisionForConditionalGeneration")."""
+
+    name: str
+    model_type: str
+    model_class: str
 
 
 class ZSPAPruneModel(torch.nn.Module):
@@ -48,13 +61,20 @@ class ZSPAPruneModel(torch.nn.Module):
             (random, uniform) plug in here.
     """
 
+    families: Tuple[Family, ...] = ()
+    """The families this wrapper handles (its module's; a subclass sets its own)."""
     model_class_names: Tuple[str, ...] = ()
+    """The Hugging Face class names of ``families``."""
     default_positions = "original"
     visual_inputs: Tuple[str, ...] = ()
     """Keyword inputs of ``prune_inputs`` besides ``pixel_values`` (e.g. ``image_sizes``)."""
     inserted_text: Optional[str] = None
     """A regex of the text the family's processor writes into a user message beside its images
     (Qwen3-VL's video timestamps): never part of an image's relevance prompt."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.model_class_names = tuple(family.model_class for family in cls.families)
 
     def __new__(cls, model=None, *args, **kwargs):
         if cls is ZSPAPruneModel:
@@ -235,6 +255,18 @@ def _families():
             found.append(sub)
             pending.append(sub)
     return [cls for cls in found if cls.model_class_names]
+
+
+def families() -> List[Family]:
+    """Every supported family, by name: the registry the commands and docs name them from."""
+    return sorted((family for cls in _families() for family in cls.__dict__.get("families", ())),
+                  key=lambda family: family.name)
+
+
+def family_names(last: str = "or") -> str:
+    """The supported families' names as a sentence lists them: "Gemma 3, ..., or Qwen3-VL"."""
+    names = [family.name for family in families()]
+    return f"{', '.join(names[:-1])} {last} {names[-1]}"
 
 
 def wrapper_class(model) -> type:

@@ -35,7 +35,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from zspaprune_ops.models.base import ZSPAPruneModel
+from zspaprune_ops.models.base import Family, ZSPAPruneModel
 from zspaprune_ops.models.sequence import (Compaction, PrunedInputs, check_text,
                                            describe_value, kept_index_rows, line_positions,
                                            merged_sequence, placeholder_runs)
@@ -50,7 +50,7 @@ class ZSPAPruneGemma3(ZSPAPruneModel):
     """ZSPAPrune for ``Gemma3ForConditionalGeneration`` (arguments as ``ZSPAPruneModel``;
     ``positions`` defaults to ``"compact"``)."""
 
-    model_class_names = ("Gemma3ForConditionalGeneration",)
+    families = (Family("Gemma 3", "gemma3", "Gemma3ForConditionalGeneration"),)
     inserted_text = r"Here is the original image|and here are some crops to help you see better"
     default_positions = "compact"
     visual_inputs = ("token_type_ids", "num_crops")

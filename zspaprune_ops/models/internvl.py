@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from zspaprune_ops.models.base import ZSPAPruneModel
+from zspaprune_ops.models.base import Family, ZSPAPruneModel
 from zspaprune_ops.models.sequence import (Compaction, PrunedInputs, check_text,
                                            describe_value, kept_index_rows, line_positions,
                                            merged_sequence, placeholder_runs)
@@ -28,7 +28,7 @@ class ZSPAPruneInternVL(ZSPAPruneModel):
     """ZSPAPrune for ``InternVLForConditionalGeneration`` (arguments as ``ZSPAPruneModel``;
     ``positions`` defaults to ``"compact"``)."""
 
-    model_class_names = ("InternVLForConditionalGeneration",)
+    families = (Family("InternVL", "internvl", "InternVLForConditionalGeneration"),)
     inserted_text = r"Frame\d+: "  # before each frame of a video
     default_positions = "compact"
 

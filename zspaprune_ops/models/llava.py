@@ -20,7 +20,7 @@ from typing import List, Optional
 import torch
 
 from zspaprune_ops.choice import candidates_without
-from zspaprune_ops.models.base import ZSPAPruneModel
+from zspaprune_ops.models.base import Family, ZSPAPruneModel
 from zspaprune_ops.models.sequence import (Compaction, PrunedInputs, check_text,
                                            describe_value, item_starts, kept_index_rows,
                                            kept_placeholders, position_ids_from_mask)
@@ -30,7 +30,8 @@ class ZSPAPruneLlava(ZSPAPruneModel):
     """ZSPAPrune for ``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration``
     (arguments as ``ZSPAPruneModel``; ``positions`` defaults to ``"compact"``)."""
 
-    model_class_names = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+    families = (Family("LLaVA-1.5", "llava", "LlavaForConditionalGeneration"),
+                Family("LLaVA-NeXT", "llava_next", "LlavaNextForConditionalGeneration"))
     default_positions = "compact"
     visual_inputs = ("image_sizes",)
 

@@ -22,7 +22,7 @@ from typing import List, Optional
 import torch
 
 from zspaprune_ops.choice import candidates_without
-from zspaprune_ops.models.base import ZSPAPruneModel
+from zspaprune_ops.models.base import Family, ZSPAPruneModel
 from zspaprune_ops.models.sequence import (Compaction, PrunedInputs, check_text,
                                            describe_value, item_starts, kept_index_rows,
                                            line_positions, merged_sequence)
@@ -32,7 +32,8 @@ class ZSPAPruneLlavaOnevision(ZSPAPruneModel):
     """ZSPAPrune for ``LlavaOnevisionForConditionalGeneration`` (arguments as
     ``ZSPAPruneModel``; ``positions`` defaults to ``"compact"``)."""
 
-    model_class_names = ("LlavaOnevisionForConditionalGeneration",)
+    families = (Family("LLaVA-OneVision", "llava_onevision",
+                       "LlavaOnevisionForConditionalGeneration"),)
     default_positions = "compact"
     visual_inputs = ("image_sizes", "batch_num_images", "pixel_values_videos",
                      "image_sizes_videos")

@@ -18,7 +18,7 @@ from typing import List, Optional
 
 import torch
 
-from zspaprune_ops.models.base import ZSPAPruneModel
+from zspaprune_ops.models.base import Family, ZSPAPruneModel
 from zspaprune_ops.models.sequence import (Compaction, PrunedInputs, check_text,
                                            describe_value, item_starts, kept_index_rows,
                                            kept_placeholders, position_ids_from_mask)
@@ -44,7 +44,7 @@ class ZSPAPruneQwen2_5_VL(ZSPAPruneModel):
     """ZSPAPrune for ``Qwen2_5_VLForConditionalGeneration`` (arguments as ``ZSPAPruneModel``;
     ``positions`` defaults to ``"original"``)."""
 
-    model_class_names = ("Qwen2_5_VLForConditionalGeneration",)
+    families = (Family("Qwen2.5-VL", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),)
     default_positions = "original"
     visual_inputs = ("image_grid_thw", "pixel_values_videos", "video_grid_thw",
                      "second_per_grid_ts", "mm_token_type_ids")

@@ -16,6 +16,7 @@ from typing import List
 
 import torch
 
+from zspaprune_ops.models.base import Family
 from zspaprune_ops.models.qwen2_5_vl import Media, ZSPAPruneQwen2_5_VL
 from zspaprune_ops.models.sequence import Compaction, PrunedInputs
 
@@ -24,7 +25,7 @@ class ZSPAPruneQwen3VL(ZSPAPruneQwen2_5_VL):
     """ZSPAPrune for ``Qwen3VLForConditionalGeneration`` (arguments as ``ZSPAPruneModel``;
     ``positions`` defaults to ``"original"``)."""
 
-    model_class_names = ("Qwen3VLForConditionalGeneration",)
+    families = (Family("Qwen3-VL", "qwen3_vl", "Qwen3VLForConditionalGeneration"),)
     inserted_text = r"<\d+(?:\.\d+)? seconds>"  # before each temporal group of a video
     visual_inputs = ("image_grid_thw", "pixel_values_videos", "video_grid_thw",
                      "mm_token_type_ids")
