@@ -43,30 +43,34 @@ def select_batched(visual, prompt, keep, relevance_ratio, prompt_mask=None, visu
     """The reference's ``select_batched`` contract on checked inputs: visual [B, N, D], prompt
     [B, T, D] (float16 / bfloat16 / float32), bool masks [B, T] / [B, N] or None -> int64
     [B, keep], each row ascending."""
+    B, N, D = visual.shape
     n_core = core_size(keep, relevance_ratio)
-    kept = torch.empty(visual.shape[0], keep, dtype=torch.int64, device=visual.device)
-    for b in range(visual.shape[0]):
+    # float32 features are multiplied as they are; others go through one reused float32 buffer
+    buffer = None if visual.dtype == torch.float32 else visual.new_empty(N, D, dtype=torch.float32)
+    kept = torch.empty(B, keep, dtype=torch.int64, device=visual.device)
+    for b in range(B):
         kept[b] = select_one(visual[b], prompt[b], keep, n_core,
                              None if prompt_mask is None else prompt_mask[b],
-                             None if visual_mask is None else visual_mask[b])
+                             None if visual_mask is None else visual_mask[b], buffer)
     return kept
 
 
-def select_one(visual, prompt, keep, n_core, prompt_mask=None, visual_mask=None):
+def select_one(visual, prompt, keep, n_core, prompt_mask=None, visual_mask=None, buffer=None):
     """One image: visual [N, D], prompt [T, D], masks [T] / [N] or None -> int64 [keep]
-    ascending. ``n_core`` is the core size for an image with a real prompt token."""
+    ascending. ``n_core`` is the core size for an image with a real prompt token; ``buffer``
+    is float32 [N, D] scratch, needed unless visual is float32."""
     N = visual.shape[0]
     copies = first_copies(visual)
-    v_hat, scorable = _unit_rows(visual, copies)
-    real = visual_mask if visual_mask is not None else torch.ones_like(scorable)
+    rows = _Rows(visual, buffer, copies)
+    real = visual_mask if visual_mask is not None else torch.ones_like(rows.scorable)
     has_prompt = bool(prompt_mask.any()) if prompt_mask is not None else prompt.shape[0] > 0
-    picks = _core(v_hat, scorable, real, _prompt_direction(prompt, prompt_mask), copies,
+    picks = _core(rows, real, _prompt_direction(prompt, prompt_mask), copies,
                   n_core) if has_prompt and n_core else []
     if not picks:  # an empty core starts with DivPrune's pick
-        nearest = _canonical(_nearest_other_distance(v_hat[None], real[None])[0], copies)
-        picks = [int(_fill_choice(nearest[None], real[None], scorable[None],
-                                  torch.zeros_like(real[None]))[0])]
-    fill_real = scorable & real
+        nearest = _nearest_other_distance(rows.units()[None], real[None])[0]
+        picks = [int(_fill_choice(_canonical(nearest, copies)[None], real[None],
+                                  rows.scorable[None], torch.zeros_like(real[None]))[0])]
+    fill_real = rows.scorable & real
     sentinel = torch.where(real, DEMOTED, PADDING)
     chosen = torch.zeros_like(real)
     min_distance = torch.full((N,), float("inf"), device=visual.device)
@@ -75,11 +79,53 @@ def select_one(visual, prompt, keep, n_core, prompt_mask=None, visual_mask=None)
         chosen[new] = True
         if len(picks) == keep:
             break
-        min_distance = _lower(min_distance, v_hat, new, copies)
+        min_distance = _canonical(rows.lower(min_distance, new), copies)
         key = torch.where(fill_real, min_distance, sentinel).masked_fill_(chosen, float("-inf"))
-        new = _confirm(key, v_hat, fill_real, copies, keep - len(picks), N - len(picks))
+        new = _confirm(key, rows, fill_real, copies, keep - len(picks), N - len(picks))
         picks = picks + new
     return torch.tensor(sorted(picks), dtype=torch.int64, device=visual.device)
+
+
+class _Rows:
+    """One image's features for products. ``features`` [N, D] float32 divided row-wise by
+    ``divisor`` are the unit rows x / max(||x||, eps) of the rule: float32 input is used as it
+    is (divisor = the clamped norms, applied to products), other dtypes are converted and
+    normalized into ``buffer`` (divisor None), exactly as the reference computes its unit rows.
+    """
+
+    def __init__(self, x, buffer, copies):
+        if x.dtype == torch.float32:
+            self.features, norm = x, _canonical(x.norm(dim=-1), copies)
+            self.divisor = norm.clamp_min(NORM_EPS)
+        else:
+            self.features = buffer.copy_(x)
+            norm = _canonical(buffer.norm(dim=-1), copies)
+            self.divisor = None
+            buffer.div_(norm.clamp_min(NORM_EPS)[:, None])
+        self.scorable = norm.isfinite()
+
+    def units(self, index=None):
+        """Unit rows [len(index), D] (all N when index is None: a float32 copy if x was)."""
+        rows = self.features if index is None else self.features[index]
+        if self.divisor is None:
+            return rows
+        return rows / (self.divisor if index is None else self.divisor[index])[:, None]
+
+    def cosines(self, units):
+        """[N] cosine of every row to ``units`` [D] (one product)."""
+        dots = self.features @ units
+        return dots if self.divisor is None else dots / self.divisor
+
+    def lower(self, min_distance, picks):
+        """min_distance [N] lowered by the cosine distances to ``picks`` (NaN ones ignored)."""
+        for start in range(0, len(picks), COLUMN_BLOCK):
+            dots = self.features @ self.units(picks[start:start + COLUMN_BLOCK]).T  # [N, m]
+            nearest = dots.masked_fill_(dots.isnan(), float("-inf")).amax(dim=1)
+            if self.divisor is not None:  # x·u / ||x||: dividing by a positive keeps the max
+                nearest = nearest / self.divisor
+            # 1 - max(cos) = min(1 - cos) exactly: the subtraction rounds monotonically
+            min_distance = torch.fmin(min_distance, 1.0 - nearest)
+        return min_distance
 
 
 def first_copies(x):
@@ -112,14 +158,6 @@ def _canonical(values, copies):
     return values if copies is None else values[copies]
 
 
-def _unit_rows(x, copies):
-    """float32 x / max(||x||, eps) per row (one copy of x) and whether the norm is finite."""
-    v_hat = x.to(torch.float32, copy=True)
-    norm = _canonical(v_hat.norm(dim=-1), copies)
-    v_hat.div_(norm.clamp_min(NORM_EPS)[:, None])
-    return v_hat, norm.isfinite()
-
-
 def _prompt_direction(prompt, prompt_mask):
     """float32 [D]: the mean of the real prompt rows of prompt [T, D], normalized."""
     total = torch.zeros(prompt.shape[1], device=prompt.device)
@@ -133,26 +171,16 @@ def _prompt_direction(prompt, prompt_mask):
     return mean / mean.norm().clamp_min(NORM_EPS)
 
 
-def _core(v_hat, scorable, real, direction, copies, n_core):
+def _core(rows, real, direction, copies, n_core):
     """The relevance core: the n_core best tokens by cosine to ``direction``, lower index on
     ties, unscorable (or NaN-relevance) tokens after scorable ones and padded ones last."""
-    relevance = _canonical(v_hat @ direction, copies)
-    relevance = torch.where(scorable & ~relevance.isnan(), relevance, DEMOTED)
+    relevance = _canonical(rows.cosines(direction), copies)
+    relevance = torch.where(rows.scorable & ~relevance.isnan(), relevance, DEMOTED)
     relevance = torch.where(real, relevance, PADDING)
     return torch.sort(relevance, descending=True, stable=True).indices[:n_core].tolist()
 
 
-def _lower(min_distance, v_hat, picks, copies):
-    """min_distance [N] lowered by the cosine distances to ``picks`` (NaN distances ignored)."""
-    for start in range(0, len(picks), COLUMN_BLOCK):
-        dots = v_hat @ v_hat[picks[start:start + COLUMN_BLOCK]].T  # [N, m]
-        nearest = dots.masked_fill_(dots.isnan(), float("-inf")).amax(dim=1)
-        # 1 - max(dot) = min(1 - dot) exactly: the subtraction rounds monotonically
-        min_distance = torch.minimum(min_distance, 1.0 - nearest)
-    return _canonical(min_distance, copies)
-
-
-def _confirm(key, v_hat, fill_real, copies, need, free):
+def _confirm(key, rows, fill_real, copies, need, free):
     """The next picks of the fill (at least one, at most ``need``), exactly the rule's.
 
     key [N] holds every token's fill key (-inf once chosen); ``free`` tokens are unchosen.
@@ -164,7 +192,8 @@ def _confirm(key, v_hat, fill_real, copies, need, free):
         return index[:1]
     bound = (keys[count], -index[count]) if free > count else None
     cand, keys = index[:count], keys[:count]
-    distance = (1.0 - v_hat[cand] @ v_hat[cand].T).tolist()  # [C, C]
+    units = rows.units(cand)
+    distance = (1.0 - units @ units.T).tolist()  # [C, C]
     # equal tokens must see equal distances: read rows from the first candidate of each copy
     row = list(range(count))
     if copies is not None:
