@@ -140,9 +140,10 @@ class CountProducts(TorchDispatchMode):
 @pytest.mark.parametrize("ratio", [0.0, 0.5])
 @pytest.mark.parametrize("kind", ["random", "clustered", "duplicates", "ties"])
 def test_multi_pick_passes_are_the_one_at_a_time_rule(kind, ratio):
-    """Each fill pass confirms several picks, and the picks are exactly the float64 rule's
-    (tolerance 1e-12: float64 rounding only) on random, clustered, duplicate-heavy and
-    tie-heavy tokens; random and clustered ones also equal the reference exactly."""
+    """The picks are exactly the float64 rule's (tolerance 1e-12: float64 rounding only) on
+    random, clustered, duplicate-heavy and tie-heavy tokens; random and clustered ones also
+    equal the reference exactly. Each fill pass confirms several picks, except where copies
+    of one token fill the candidates (duplicate-heavy: at most a pass per pick)."""
     g = torch.Generator().manual_seed(len(kind) * 10 + int(ratio * 2))
     N, keep = 600, 36
     visual, prompt = tokens(kind, N, 16, g), torch.randn(1, 3, 16, generator=g)
@@ -153,7 +154,8 @@ def test_multi_pick_passes_are_the_one_at_a_time_rule(kind, ratio):
         assert torch.equal(kept, reference_select(visual, prompt, keep, ratio))
     fill = keep - math.floor(keep * ratio + 0.5)
     passes = products.count  # one product over all tokens per pass (+1: the core, or DivPrune)
-    assert math.ceil(fill / CANDIDATES) <= passes < fill * 2 // 3, passes
+    most = fill + 1 if kind == "duplicates" else fill // 2
+    assert math.ceil(fill / CANDIDATES) <= passes <= most, passes
 
 
 @pytest.mark.parametrize("D", [1, 6])
@@ -179,14 +181,18 @@ def test_copies_go_to_the_lower_index(ratio):
     visual = torch.randn(1, 577, 4096, generator=g)
     visual[0, 5:] = visual[0, :5].repeat(116, 1)[:572]
     prompt = torch.randn(1, 3, 4096, generator=g)
-    kept = select_batched(visual, prompt, 5, ratio)[0].tolist()
-    assert kept == [0, 1, 2, 3, 4]
+    kept = select_batched(visual, prompt, 8, ratio)
+    replay(visual[0], prompt[0], 8, ratio, kept[0])
+    for i in kept[0].tolist():  # of identical tokens, the lower-indexed copies go first
+        assert i < 5 or i - 5 in kept[0].tolist()
+    if ratio == 0.0:  # the fill never takes a copy while a new token remains
+        assert kept[0].tolist()[:5] == [0, 1, 2, 3, 4]
 
 
 def test_first_copies():
     x = torch.randn(9, 40)
     assert first_copies(x) is None
-    x[[4, 7]] = x[2]
+    x[[4, 7]] = x[2].clone()
     x[8] = x[5]
     x[[1, 3], 0] = math.nan  # equal bits, NaN included
     x[3] = x[1]

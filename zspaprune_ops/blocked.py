@@ -1,8 +1,8 @@
 """The fast selection off CUDA: ZSPAPrune's rule in blocked matrix products, pure PyTorch.
 
 The reference (``reference/naive.py``) makes one pick per step, each step a pass over all N×D
-features. Here images run one after another, each normalized once into a float32 copy, and
-distances come from matrix products against blocks of picks:
+features. Here images run one after another and distances come from matrix products of all
+of an image's tokens against blocks of picks:
 
 - the relevance core needs no distances between its picks: they are the top of one sort, and
   their distances reach the fill keys in one ``[N, D] × [D, core]`` product;
@@ -15,12 +15,14 @@ distances come from matrix products against blocks of picks:
   pass's ``m`` confirmed picks.
 
 BLAS rounds the dot products of two equal rows differently at different positions (seen with
-MKL's sgemm and sgemv), so bitwise-equal tokens are found first and every per-token value is
+torch 2.13's CPU matrix products and matrix-vector products), so bitwise-equal tokens are found first and every per-token value is
 read from the lowest-indexed copy: equal tokens then tie exactly and go to the lower index.
 
-Extra memory: one float32 copy of one image's features, O(N) keys and ``[N, COLUMN_BLOCK]``
-products; the duplicate check copies only the rows whose sampled features collide (in their own
-dtype, before the float32 copy exists).
+Extra memory: one float32 copy of one image's features (float16 / bfloat16 input, converted
+and normalized into a buffer reused by every image; float32 input is multiplied as it is, and
+copied only for an image that starts with DivPrune's pick), O(N) keys and ``[N, COLUMN_BLOCK]``
+products. The duplicate check copies only the rows whose sampled features collide, in their own
+dtype.
 """
 import torch
 
@@ -28,7 +30,8 @@ from zspaprune_ops.reference.naive import _fill_choice, _nearest_other_distance
 from zspaprune_ops.rule import DEMOTED, NORM_EPS, PADDING, core_size
 
 CANDIDATES = 16
-"""Candidates per fill pass (picks confirmed per pass: 3-4 at N = 576, about 10 at N = 8192)."""
+"""Candidates per fill pass, as in the kernels (``bench/multipick_sim.py``: 3-4 fill picks per
+pass at N = 576, 7-8 at 2880, about 10 at 8192)."""
 COLUMN_BLOCK = 256
 """Picks whose distances one product computes: bounds the [N, COLUMN_BLOCK] product."""
 PROMPT_BLOCK = 256
