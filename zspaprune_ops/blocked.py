@@ -29,13 +29,12 @@ import torch
 from zspaprune_ops.reference.naive import _fill_choice, _nearest_other_distance
 from zspaprune_ops.rule import DEMOTED, NORM_EPS, PADDING, core_size
 
-CANDIDATES = 16
-"""Candidates per fill pass, as in the kernels (``bench/multipick_sim.py``: 3-4 fill picks per
-pass at N = 576, 7-8 at 2880, about 10 at 8192)."""
+CANDIDATES = 32
+"""Candidates per fill pass (the kernels take 16: ``bench/multipick_sim.py``)."""
 COLUMN_BLOCK = 256
 """Picks whose distances one product computes: bounds the [N, COLUMN_BLOCK] product."""
-PROMPT_BLOCK = 256
-"""Prompt rows summed at once in float32."""
+ROW_BLOCK = 256
+"""Prompt rows summed, and feature rows' norms taken, at once (torch's norm copies its input)."""
 SIGNATURE_COLUMNS = 16
 """Features per row compared exactly to find candidate duplicate rows."""
 _SIGNATURE_WEIGHTS = torch.randint(1, 1 << 16, (SIGNATURE_COLUMNS,),
@@ -98,11 +97,11 @@ class _Rows:
 
     def __init__(self, x, buffer, copies):
         if x.dtype == torch.float32:
-            self.features, norm = x, _canonical(x.norm(dim=-1), copies)
+            self.features, norm = x, _canonical(_norms(x), copies)
             self.divisor = norm.clamp_min(NORM_EPS)
         else:
             self.features = buffer.copy_(x)
-            norm = _canonical(buffer.norm(dim=-1), copies)
+            norm = _canonical(_norms(buffer), copies)
             self.divisor = None
             buffer.div_(norm.clamp_min(NORM_EPS)[:, None])
         self.scorable = norm.isfinite()
@@ -161,13 +160,19 @@ def _canonical(values, copies):
     return values if copies is None else values[copies]
 
 
+def _norms(x):
+    """float32 [N]: the norm of each row of x [N, D], ROW_BLOCK rows at a time."""
+    return torch.cat([x[start:start + ROW_BLOCK].norm(dim=-1)
+                      for start in range(0, x.shape[0], ROW_BLOCK)])
+
+
 def _prompt_direction(prompt, prompt_mask):
     """float32 [D]: the mean of the real prompt rows of prompt [T, D], normalized."""
     total = torch.zeros(prompt.shape[1], device=prompt.device)
-    for start in range(0, prompt.shape[0], PROMPT_BLOCK):
-        block = prompt[start:start + PROMPT_BLOCK].float()
+    for start in range(0, prompt.shape[0], ROW_BLOCK):
+        block = prompt[start:start + ROW_BLOCK].float()
         if prompt_mask is not None:
-            block = torch.where(prompt_mask[start:start + PROMPT_BLOCK, None], block, 0.0)
+            block = torch.where(prompt_mask[start:start + ROW_BLOCK, None], block, 0.0)
         total += block.sum(0)
     count = prompt.shape[0] if prompt_mask is None else int(prompt_mask.sum())
     mean = total / max(count, 1)
