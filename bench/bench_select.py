@@ -271,26 +271,38 @@ def extra_peak_bytes(fn, device):
 
 def rss_growth(impl: str, shape: Shape) -> int:
     """Peak RSS growth (bytes) over one call of ``impl`` at ``shape``, in a fresh process whose
-    inputs are built and whose libraries are warmed up (one call on tiny inputs) first."""
+    inputs are built and whose libraries are warmed up (one call on tiny inputs) first. glibc's
+    mmap threshold is fixed at 64 KiB there, so that memory freed while building the inputs is
+    not silently reused (the growth would then read 0)."""
     import json
     import subprocess
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, __file__, "--rss-child", impl,
-                          json.dumps(asdict(shape))], capture_output=True, text=True, check=True)
+                          json.dumps(asdict(shape))], capture_output=True, text=True, check=True,
+                         env=env)
     return int(out.stdout.split()[-1])
 
 
 def _rss_child(impl: str, spec: str) -> None:
+    """Print the peak RSS growth of one call: Linux's peak (VmHWM) is reset to the current RSS
+    after the inputs are built (their temporaries peaked higher), then read after the call."""
     import json
-    import resource
     limits = build_parser().parse_args(["--slow-max-work", "1e30"])
     limits.compile_max_keep, tiny = 0, _case(1, 16, 8, 2, 2, "float32")
     shape = Shape(**json.loads(spec))
     inputs = make_inputs(shape, torch.device("cpu"))
     build(impl, tiny, make_inputs(tiny, torch.device("cpu")), limits)[0]()
     fn = build(impl, shape, inputs, limits)[0]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    before = _status_kib("VmRSS")
     fn()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+    print((_status_kib("VmHWM") - before) * 1024)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
 def run_shape(shape: Shape, impls, device, limits, bandwidth) -> tuple:
