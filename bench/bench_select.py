@@ -84,7 +84,8 @@ PRESETS = {
         "video-32k-b8-masks": _case(8, 32768, 4096, 64, 3276, masks=True),
     },
     "cpu": {  # issue 20's grid: float32 and bfloat16, B = 1 and 8, N = 576, 2880, 8192
-        f"cpu-n{N}-{dtype[:4]}{'-b8' if B == 8 else ''}": _case(B, N, 4096, 32, keep, dtype)
+        f"cpu-n{N}-{'f32' if dtype == 'float32' else 'bf16'}{'-b8' if B == 8 else ''}":
+            _case(B, N, 4096, 32, keep, dtype)
         for dtype in ("float32", "bfloat16") for N, keep in ((576, 64), (2880, 288), (8192, 819))
         for B in (1, 8)
     },

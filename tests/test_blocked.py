@@ -15,35 +15,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import zspaprune_ops
 from literal import replay
+from test_reference import random_case
 from zspaprune_ops.blocked import CANDIDATES, first_copies, select_batched
 from zspaprune_ops.reference.naive import select_batched as reference_select
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def make_case(seed, B, N, D, T, dtype=torch.float32, *, visual_padding=False,
-              prompt_padding=False, duplicates=False, zeros=False, nonfinite=False):
-    """Fresh features and masks; every row keeps at least N // 2 real tokens."""
-    g = torch.Generator().manual_seed(seed)
-    visual = torch.randn(B, N, D, generator=g)
-    if duplicates and N > 2:
-        visual[:, torch.randperm(N, generator=g)[: N // 3]] = visual[
-            :, torch.randint(0, N, (N // 3,), generator=g)].clone()
-    if zeros and N > 1:
-        visual[:, torch.randint(0, N, (max(1, N // 10),), generator=g)] = 0.0
-    if nonfinite and N > 3:
-        visual[:, 1, 0] = math.nan
-        visual[:, 2, -1] = math.inf
-        visual[:, 3] = 3e19  # finite, but its float32 norm overflows: unscorable (fp16: inf)
-    prompt = torch.randn(B, T, D, generator=g)
-    prompt_mask = visual_mask = None
-    if visual_padding:
-        visual_mask = torch.rand(B, N, generator=g) < 0.7
-        visual_mask[:, : (N + 1) // 2] = True
-    if prompt_padding:
-        prompt_mask = torch.rand(B, T, generator=g) < 0.6
-        prompt_mask[0] = False  # a row without any real prompt token: pure diversity
-    return visual.to(dtype), prompt.to(dtype), prompt_mask, visual_mask
 
 
 def distinct_real(visual, visual_mask):
@@ -88,7 +64,7 @@ CASES = [  # seed, B, N, D, T, keep, ratio, case options
                                              for c in CASES])
 def test_matches_reference_and_the_float64_rule(case, dtype):
     seed, B, N, D, T, keep, ratio, options = case
-    visual, prompt, prompt_mask, visual_mask = make_case(seed, B, N, D, T, dtype, **options)
+    visual, prompt, prompt_mask, visual_mask = random_case(seed, B, N, D, T, dtype, **options)
     if options.get("duplicates") or options.get("zeros") or D == 1:
         keep = min(keep, distinct_real(visual, visual_mask))
     elif visual_mask is not None:
@@ -102,7 +78,7 @@ def test_random_sizes_masks_duplicates_and_zeros(seed, dtype):
     g = torch.Generator().manual_seed(1000 + seed)
     N, D = int(torch.randint(2, 400, (1,), generator=g)), int(torch.randint(1, 80, (1,), generator=g))
     ratio = float(torch.rand(1, generator=g)) if seed % 3 else 0.0
-    visual, prompt, prompt_mask, visual_mask = make_case(
+    visual, prompt, prompt_mask, visual_mask = random_case(
         seed, 3, N, D, 7, dtype, visual_padding=seed % 2 == 0, prompt_padding=seed % 4 == 0,
         duplicates=True, zeros=seed % 2 == 1)
     keep = int(torch.randint(1, distinct_real(visual, visual_mask) + 1, (1,), generator=g))
@@ -240,7 +216,7 @@ def test_nonfinite_prompt_and_tokens_equal_the_reference(prompt_case, tokens_cas
 
 
 def test_prompt_edge_cases():
-    visual, prompt, _, _ = make_case(12, 2, 23, 16, 5)
+    visual, prompt, _, _ = random_case(12, 2, 23, 16, 5, torch.float32)
     prompt_mask = torch.tensor([[False] * 5, [True] * 5])  # row 0: no prompt
     check(visual, prompt, 9, 0.5, prompt_mask, None)
     check(visual, prompt[:, :0], 9, 0.5, None, None)  # T = 0: pure diversity
@@ -249,7 +225,7 @@ def test_prompt_edge_cases():
 
 def test_keep_beyond_the_real_tokens_takes_padded_ones_last():
     """What runs when value checks are off and a row has fewer real tokens than keep."""
-    visual, prompt, _, _ = make_case(19, 2, 30, 8, 4)
+    visual, prompt, _, _ = random_case(19, 2, 30, 8, 4, torch.float32)
     visual_mask = torch.zeros(2, 30, dtype=torch.bool)
     visual_mask[:, ::5] = True  # 6 real tokens, keep 10
     for ratio in (0.0, 0.5):
@@ -258,7 +234,7 @@ def test_keep_beyond_the_real_tokens_takes_padded_ones_last():
 
 
 def test_strided_mixed_dtype_inputs():
-    visual, prompt, prompt_mask, visual_mask = make_case(13, 2, 41, 48, 6, prompt_padding=True,
+    visual, prompt, prompt_mask, visual_mask = random_case(13, 2, 41, 48, 6, torch.float32, prompt_padding=True,
                                                          visual_padding=True)
     visual_t = visual.transpose(1, 2).contiguous().transpose(1, 2)  # feature stride != 1
     prompt_bf16 = prompt.to(torch.bfloat16)[:, ::2]  # another dtype, row stride 2 * D
@@ -267,7 +243,7 @@ def test_strided_mixed_dtype_inputs():
 
 def test_public_api_unbatched_batched_and_the_op():
     """backend="blocked", unbatched inputs, and the op's auto dispatch on CPU all run it."""
-    visual, prompt, prompt_mask, visual_mask = make_case(15, 2, 33, 16, 5, torch.float16,
+    visual, prompt, prompt_mask, visual_mask = random_case(15, 2, 33, 16, 5, torch.float16,
                                                          prompt_padding=True, visual_padding=True)
     expected = select_batched(visual, prompt, 9, 0.5, prompt_mask, visual_mask)
     kept = zspaprune_ops.select(visual, prompt, 9, 0.5, prompt_mask=prompt_mask,
@@ -278,23 +254,6 @@ def test_public_api_unbatched_batched_and_the_op():
     unbatched = zspaprune_ops.select(visual[1], prompt[1], 9, 0.0, backend="blocked")
     assert unbatched.shape == (9,)
     assert torch.equal(unbatched, zspaprune_ops.reference.select(visual[1], prompt[1], 9, 0.0))
-
-
-def test_padded_batch_equals_per_sample_calls():
-    g = torch.Generator().manual_seed(5)
-    sizes, prompt_sizes, D, keep = [37, 80, 64], [3, 12, 7], 20, 15
-    visual = torch.randn(3, 100, D, generator=g)
-    prompt = torch.randn(3, 16, D, generator=g)
-    visual_mask = torch.zeros(3, 100, dtype=torch.bool)
-    prompt_mask = torch.zeros(3, 16, dtype=torch.bool)
-    for b, (n, t) in enumerate(zip(sizes, prompt_sizes)):
-        visual_mask[b, torch.randperm(100, generator=g)[:n]] = True
-        prompt_mask[b, torch.randperm(16, generator=g)[:t]] = True
-    kept = select_batched(visual, prompt, keep, 0.4, prompt_mask, visual_mask)
-    for b in range(3):
-        real = visual_mask[b].nonzero().squeeze(1)
-        alone = select_batched(visual[b, real][None], prompt[b, prompt_mask[b]][None], keep, 0.4)
-        assert kept[b].tolist() == real[alone[0]].tolist()
 
 
 def test_extra_memory_is_one_float32_image_copy():
