@@ -31,6 +31,16 @@ def reference_compiled():
     return torch.compile(select_batched, dynamic=False)
 
 
+def matmul_floor(visual, keep):
+    """The N×keep matrix-product floor: a callable multiplying every token by ``keep`` columns,
+    [B, N, D] × [B, D, keep] in float32 (float16 / bfloat16 converted first, counted: this CPU
+    has no bfloat16 instructions, and its bfloat16 product is ~10× slower than float32's). This
+    is the arithmetic a farthest-point fill needs (every token's dot with every pick) done in one
+    blocked product, with no selection; its output is not a selection."""
+    columns = torch.randn(visual.shape[0], visual.shape[2], keep, device=visual.device)
+    return lambda: torch.bmm(visual.float(), columns)
+
+
 def divprune_bytes(B: int, N: int, keep: int) -> int:
     """Float32 scratch of ``divprune_loop``: the N×N distances and a masked copy of them, plus the
     chosen rows gathered at the last step."""

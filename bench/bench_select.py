@@ -4,10 +4,14 @@
     TRITON_INTERPRET=1 python bench/bench_select.py --preset cpu-smoke
     python bench/bench_select.py --shapes llava7b-k64,B=2,N=300,D=64,keep=30 --impls fused,reference
 
-Implementations: ``fused`` (``backend="triton"``; on CPU only under ``TRITON_INTERPRET=1`` and at tiny sizes), ``reference`` (eager pure PyTorch),
-``reference_compiled`` (torch.compile of the reference) and ``divprune_loop`` (N×N matrix plus a
-Python loop; see bench/baselines.py). Each output is checked equal to the reference's before it
-is timed; an impl that differs or fails is reported and not timed (exit status 1). Rows are
+Implementations: ``fused`` (``backend="triton"``; on CPU only under ``TRITON_INTERPRET=1`` and at tiny sizes), ``blocked`` (``backend="blocked"``, what
+``auto`` runs off CUDA), ``reference`` (eager pure PyTorch), ``reference_compiled``
+(torch.compile of the reference), ``divprune_loop`` (N×N matrix plus a Python loop; see
+bench/baselines.py) and ``matmul_floor`` (one N×keep product: the arithmetic floor, not a
+selection). Each selection is checked equal to the reference's before it is timed (where the
+reference runs: ``--slow-max-work``); an impl that differs or fails is reported and not timed
+(exit status 1). ``--rss`` adds, on CPU, each impl's peak RSS growth over one call (in a fresh
+process) as ``extra_peak_bytes``. Rows are
 appended after each shape to ``--out FILE`` (default: a fresh git-ignored file under
 ``bench/results/local/``; ``--out bench/results/<device>.json`` adds to the committed results).
 """
@@ -28,7 +32,12 @@ from zspaprune_ops._validate import FEATURE_DTYPES
 from zspaprune_ops.testing.measure import median_seconds, peak_bytes
 from zspaprune_ops.reference.naive import select_batched
 
-IMPLS = ("fused", "fused_graph", "reference", "reference_compiled", "divprune_loop")
+IMPLS = ("fused", "fused_graph", "blocked", "reference", "reference_compiled", "divprune_loop",
+         "matmul_floor")
+FLOORS = ("matmul_floor",)
+"""Impls that are no selection (their output is not checked)."""
+SLOW_IMPLS = ("reference", "divprune_loop")
+"""Impls skipped where B·N·D·keep exceeds ``--slow-max-work`` (a pass over the features per pick)."""
 INTERPRETER_MAX_WORK = 1 << 18
 """On CPU ``fused`` runs in Triton's interpreter only where B·N·D·keep is at most this."""
 SLOW_CALL_S = 0.2
@@ -73,6 +82,12 @@ PRESETS = {
         "video-16k": _case(1, 16384, 4096, 64, 1638),
         "video-32k": _case(1, 32768, 4096, 64, 3276),
         "video-32k-b8-masks": _case(8, 32768, 4096, 64, 3276, masks=True),
+    },
+    "cpu": {  # issue 20's grid: float32 and bfloat16, B = 1 and 8, N = 576, 2880, 8192
+        f"cpu-n{N}-{'f32' if dtype == 'float32' else 'bf16'}{'-b8' if B == 8 else ''}":
+            _case(B, N, 4096, 32, keep, dtype)
+        for dtype in ("float32", "bfloat16") for N, keep in ((576, 64), (2880, 288), (8192, 819))
+        for B in (1, 8)
     },
     "cpu-smoke": {
         "tiny-masks": _case(2, 64, 32, 8, 8, "float16", masks=True),
@@ -161,6 +176,13 @@ def build(impl: str, shape: Shape, inputs: Inputs, limits: argparse.Namespace):
         if device.type != "cuda":
             return None, "CUDA graphs need a GPU"
         return _graph_replay(lambda: _public(args, "triton"), device), None
+    if impl in SLOW_IMPLS and _work(shape) > limits.slow_max_work:
+        return None, (f"B·N·D·keep > {limits.slow_max_work:.0e}: a pass over the features per "
+                      "pick takes minutes here")
+    if impl == "blocked":
+        return lambda: _public(args, "blocked"), None
+    if impl == "matmul_floor":
+        return baselines.matmul_floor(inputs.visual, shape.keep), None
     if impl == "reference":
         return lambda: _public(args, "reference"), None
     if impl == "reference_compiled":
@@ -176,6 +198,10 @@ def build(impl: str, shape: Shape, inputs: Inputs, limits: argparse.Namespace):
                           f"{limits.divprune_max_bytes / 2**30:.1f} GiB")
         return lambda: baselines.divprune_loop(*args), None
     raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
+
+
+def _work(shape: Shape) -> int:
+    return shape.B * shape.N * shape.D * shape.keep
 
 
 def _graph_replay(fn, device):
@@ -244,10 +270,47 @@ def extra_peak_bytes(fn, device):
     return peak_bytes(fn, device) - torch.cuda.memory_allocated(device)
 
 
+def rss_growth(impl: str, shape: Shape) -> int:
+    """Peak RSS growth (bytes) over one call of ``impl`` at ``shape``, in a fresh process whose
+    inputs are built and whose libraries are warmed up (one call on tiny inputs) first. glibc's
+    mmap threshold is fixed at 64 KiB there, so that memory freed while building the inputs is
+    not silently reused (the growth would then read 0)."""
+    import json
+    import subprocess
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, __file__, "--rss-child", impl,
+                          json.dumps(asdict(shape))], capture_output=True, text=True, check=True,
+                         env=env)
+    return int(out.stdout.split()[-1])
+
+
+def _rss_child(impl: str, spec: str) -> None:
+    """Print the peak RSS growth of one call: Linux's peak (VmHWM) is reset to the current RSS
+    after the inputs are built (their temporaries peaked higher), then read after the call."""
+    import json
+    limits = build_parser().parse_args(["--slow-max-work", "1e30"])
+    limits.compile_max_keep, tiny = 0, _case(1, 16, 8, 2, 2, "float32")
+    shape = Shape(**json.loads(spec))
+    inputs = make_inputs(shape, torch.device("cpu"))
+    build(impl, tiny, make_inputs(tiny, torch.device("cpu")), limits)[0]()
+    fn = build(impl, shape, inputs, limits)[0]
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    before = _status_kib("VmRSS")
+    fn()
+    print((_status_kib("VmHWM") - before) * 1024)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
 def run_shape(shape: Shape, impls, device, limits, bandwidth) -> tuple:
     """Rows of every impl at ``shape`` and the impls whose output differed from the reference."""
     inputs = make_inputs(shape, device)
-    expected = select_batched(*inputs.args(shape))
+    expected = (select_batched(*inputs.args(shape)) if _work(shape) <= limits.slow_max_work
+                else None)
     floor = results.floor_fields(floor_bytes(shape), bandwidth)
     rows, wrong = [], []
     for impl in impls:
@@ -259,7 +322,7 @@ def run_shape(shape: Shape, impls, device, limits, bandwidth) -> tuple:
             row.update(_prediction(shape, device))
         fn, reason = build(impl, shape, inputs, limits)
         if fn is not None:
-            reason = _first_call(fn, impl, expected, row)
+            reason = _first_call(fn, impl, None if impl in FLOORS else expected, row)
             if reason is not None:
                 wrong.append(impl)
         if reason is not None:
@@ -269,6 +332,9 @@ def run_shape(shape: Shape, impls, device, limits, bandwidth) -> tuple:
             try:
                 row["median_us"] = median_us(fn, device, limits.repeat)
                 row["extra_peak_bytes"] = extra_peak_bytes(fn, device)
+                if device.type == "cpu" and limits.rss and impl not in ("fused",
+                                                                        "reference_compiled"):
+                    row["extra_peak_bytes"] = rss_growth(impl, shape)
             finally:
                 zspaprune_ops.set_value_checks(checks)
         rows.append(row)
@@ -299,7 +365,7 @@ def _first_call(fn, impl: str, expected: torch.Tensor, row: dict):
         return f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
     if impl == "reference_compiled":
         row["compile_s"] = round(time.perf_counter() - start, 2)
-    if not torch.equal(kept, expected):
+    if expected is not None and not torch.equal(kept, expected):
         return "output differs from the reference: not timed"
     return None
 
@@ -353,6 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip reference_compiled above this keep (CUDA 64, CPU 8)")
     parser.add_argument("--divprune-max-bytes", type=int, default=baselines.DIVPRUNE_MAX_BYTES,
                         help="skip divprune_loop where its N×N scratch exceeds this (4 GiB)")
+    parser.add_argument("--slow-max-work", type=float, default=4e9,
+                        help=f"skip {', '.join(SLOW_IMPLS)} (and the reference check) where "
+                             "B·N·D·keep exceeds this (4e9)")
+    parser.add_argument("--rss", action="store_true",
+                        help="CPU: measure each impl's peak RSS growth in a fresh process")
+    parser.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help="torch CPU threads (torch's default)")
     parser.add_argument("--out", type=Path,
                         help="results file the rows are appended to (default: a new file "
@@ -363,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.rss_child:
+        _rss_child(*args.rss_child)
+        return 0
     shapes = dict(PRESETS[args.preset]) if args.preset else {}
     shapes.update(parse_shapes(args.shapes or ""))
     if not shapes:

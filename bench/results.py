@@ -36,6 +36,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 SPEEDUP_OF = "fused"
 """The impl whose speedup over every other impl of a table is rendered."""
+FLOOR_RATIO = ("blocked", "matmul_floor")
+"""(impl, floor): where both are in a table, the impl's time as a multiple of the floor's."""
 
 KNOWN_BANDWIDTH_BPS = {"H100 80GB HBM3": 3.35e12, "H100 SXM": 3.35e12, "H200": 4.8e12}
 """Spec HBM bandwidth by a substring of the CUDA device name (H100 SXM, H200)."""
@@ -170,6 +172,8 @@ def render_table(group: list) -> list:
     with_model = any(r.get("predicted_us") for r in group)
     header = ["shape"] + (["HBM floor µs"] if with_floor else []) + [f"{i} µs" for i in impls]
     header += [f"{SPEEDUP_OF} vs {impl}" for impl in others]
+    floor_ratio = all(impl in impls for impl in FLOOR_RATIO)
+    header += [f"{FLOOR_RATIO[0]} / {FLOOR_RATIO[1]}"] if floor_ratio else []
     header += ["model µs", "graph / model"] if with_model else []
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for shape in shapes:
@@ -182,6 +186,8 @@ def render_table(group: list) -> list:
         fused = rows.get(SPEEDUP_OF)
         for impl in others:
             cells.append(_speedup_cell(fused, rows[impl]))
+        if floor_ratio:
+            cells.append(_speedup_cell(rows[FLOOR_RATIO[1]], rows[FLOOR_RATIO[0]]))
         if with_model:  # the model predicts a CUDA-graph replay (kernels/model.py)
             predicted = next((r["predicted_us"] for r in rows.values()
                               if r and r.get("predicted_us")), None)

@@ -1,7 +1,10 @@
 """ZSPAPrune's selection rule in plain PyTorch: the reference the fused kernels are tested against.
 
 Vectorized over the batch; the only Python loops run over the ``keep`` selection steps and over
-row chunks of the DivPrune first pick, so extra memory stays O(B·N) (no N×N matrix).
+row chunks of the DivPrune first pick. Extra memory: the float32 unit rows of the whole batch
+(B·N·D·4 bytes; float16 / bfloat16 input is first converted to float32, two such copies in all)
+plus O(B·N); no N×N matrix. Each step is a pass over all the features: this is the readable
+form, not the fast one (``zspaprune_ops.blocked`` runs off CUDA, the Triton kernels on CUDA).
 """
 from typing import Optional
 

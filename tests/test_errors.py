@@ -98,7 +98,7 @@ def test_integer_like_keep_is_accepted(caller, keep):
     assert kept.shape == (B, 3) and torch.equal(kept, call(caller, {**args, "keep": 3}))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "blocked", "triton"])
 def test_integer_like_keep_reaches_each_backend_as_an_int(backend):
     visual, prompt = torch.randn(N, D), torch.randn(T, D)
     kept = zspaprune_ops.select(visual, prompt, np.int64(4), backend=backend)

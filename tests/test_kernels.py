@@ -17,6 +17,7 @@ import triton.language as tl
 import zspaprune_ops
 from literal import replay
 from zspaprune_ops import kernels
+from zspaprune_ops.blocked import select_batched as blocked_select
 from zspaprune_ops.dispatch import implementation
 from zspaprune_ops.kernels import fill
 from zspaprune_ops.kernels.select import select_batched as kernel_select
@@ -181,7 +182,8 @@ def test_wrapper_triton_backend():
 
 def test_dispatch_table():
     assert implementation("auto", torch.device("cuda")) is kernels.select_batched
-    assert implementation("auto", torch.device("cpu")) is reference_select
+    assert implementation("auto", torch.device("cpu")) is blocked_select
+    assert implementation("blocked", torch.device("cuda")) is blocked_select
     assert implementation("reference", torch.device("cuda")) is reference_select
     assert implementation("triton", torch.device(DEVICE)) is kernels.select_batched
     with pytest.raises(ValueError, match="backend must be one of"):

@@ -3,17 +3,18 @@ from typing import Callable
 
 import torch
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "blocked", "reference")
 
 
 def implementation(backend: str, device: torch.device) -> Callable:
     """The batched selection function for ``backend`` on ``device``.
 
-    ``auto``: the fused Triton kernels on CUDA, the pure-PyTorch reference elsewhere.
+    ``auto``: the fused Triton kernels on CUDA, the blocked pure-PyTorch path elsewhere.
     ``triton``: the kernels on any device; on CPU they run under Triton's interpreter, which
     needs ``TRITON_INTERPRET=1`` set before ``triton`` is first imported (RuntimeError
-    otherwise). ``reference``: the pure-PyTorch reference. Every function returned takes
-    checked, batched inputs ``(visual, prompt, keep, relevance_ratio, prompt_mask, visual_mask)``.
+    otherwise). ``blocked``: the fast pure-PyTorch path (``zspaprune_ops.blocked``: blocked
+    matrix products, several picks per pass). ``reference``: the readable pure-PyTorch
+    reference, one pick per step. Every function returned takes checked, batched inputs ``(visual, prompt, keep, relevance_ratio, prompt_mask, visual_mask)``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -31,5 +32,8 @@ def implementation(backend: str, device: torch.device) -> Callable:
                 f"backend='triton' on {device.type} runs the kernels under Triton's interpreter: "
                 "set TRITON_INTERPRET=1 before triton is first imported, or use a CUDA device")
         return kernels.select_batched
+    if backend in ("auto", "blocked"):
+        from zspaprune_ops.blocked import select_batched
+        return select_batched
     from zspaprune_ops.reference.naive import select_batched
     return select_batched

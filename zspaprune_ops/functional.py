@@ -22,9 +22,11 @@ def select(visual: torch.Tensor, prompt: torch.Tensor, keep: int, relevance_rati
         prompt_mask: bool [B, T] or [T], True = real prompt token. Default: all real.
         visual_mask: bool [B, N] or [N], True = real visual token. Default: all real.
         backend: ``"auto"`` runs ``torch.ops.zspaprune.select`` (the fused Triton kernels on
-            CUDA, the reference elsewhere); ``"triton"`` forces the kernels (on CPU only under
-            Triton's interpreter, ``TRITON_INTERPRET=1`` set before triton is imported, else
-            RuntimeError); ``"reference"`` forces the pure-PyTorch reference.
+            CUDA, the blocked pure-PyTorch path elsewhere); ``"triton"`` forces the kernels (on
+            CPU only under Triton's interpreter, ``TRITON_INTERPRET=1`` set before triton is
+            imported, else RuntimeError); ``"blocked"`` forces the blocked pure-PyTorch path
+            (``zspaprune_ops.blocked``); ``"reference"`` forces the readable pure-PyTorch
+            reference (one pick per step: slow).
     Returns:
         int64 [B, keep] (or [keep] for unbatched inputs) on the input device.
     """
