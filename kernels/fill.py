@@ -17,8 +17,8 @@ from zspaprune_ops.rule import DEMOTED, NORM_EPS, PADDING
 _DEMOTED = tl.constexpr(DEMOTED)
 _PADDING = tl.constexpr(PADDING)
 _EPS = tl.constexpr(NORM_EPS)
-_WAIT_NS = tl.constexpr(100_000_000)
-"""Longest wait at a grid-wide barrier (100 ms) before the image is marked failed."""
+_POLL_NS = tl.constexpr(100_000)
+"""What one poll of a barrier counts as under Triton's interpreter (no GPU timer there)."""
 _LOW = tl.constexpr(0xFFFFFFFF)
 _NONE = tl.constexpr(-(1 << 63))
 """A packed key below every real one: an empty list slot."""
@@ -191,31 +191,37 @@ def _ranked(x, a, b):
 
 
 @triton.jit
-def _grid_wait(sync_ptr, P, phase, ok, INTERPRETED: tl.constexpr):
+def _grid_wait(sync_ptr, P, phase, ok, wait_ns, INTERPRETED: tl.constexpr):
     """Arrive at barrier ``phase`` of the image's P programs and wait for all of them.
 
-    sync_ptr: the image's sync word: arrivals in the low bits, ``_FAILED`` once any program gave
-    up. The arrival releases this program's earlier stores (call ``tl.debug_barrier()`` first),
-    the polls acquire the others'. Returns ``ok``, False for good after a wait longer than
-    100 ms or a failure flagged by another program (this program then flags it too). With
-    P = 1 nothing waits. Triton's interpreter, which runs programs one after another, has no
-    GPU timer: there each poll counts as 0.1 ms, so a forced P > 1 fails after 1000 polls."""
+    sync_ptr: the image's barrier word: arrivals in the low bits, ``_FAILED`` once the image
+    failed. The arrival releases this program's earlier stores (call ``tl.debug_barrier()``
+    first), the polls acquire the others'. Returns whether every program arrived before the
+    image failed; all P programs agree on it: a program that gives up (``ok`` already False, or
+    a wait over ``wait_ns`` nanoseconds) sets ``_FAILED`` only while the barrier is still short
+    (a compare-and-swap against the word it last read), so a last arrival that lands as the wait
+    times out passes the barrier for everyone, and once ``_FAILED`` is set no program passes
+    it. With P = 1 nothing waits. Triton's interpreter has no GPU timer: there each poll counts
+    as ``_POLL_NS``."""
     target = P * (phase + 1)
+    if ok == 0:  # failed before this barrier: flag it before arriving, so nobody passes it
+        tl.atomic_or(sync_ptr, _FAILED, sem="release", scope="gpu")
     word = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu") + 1
     waited = tl.zeros([], tl.int64)
     last = tl.zeros([], tl.int64)
-    while ((word & _ARRIVALS) < target) & ((word & _FAILED) == 0) & (waited < _WAIT_NS) & ok:
-        word = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
-        if INTERPRETED:
-            waited += _WAIT_NS // 1000
+    while ((word & _ARRIVALS) < target) & ((word & _FAILED) == 0):
+        if waited >= wait_ns:  # give up, unless the last arrival landed since `word` was read
+            seen = tl.atomic_cas(sync_ptr, word, word | _FAILED, sem="acq_rel", scope="gpu")
+            word = tl.where(seen == word, word | _FAILED, seen)
         else:
-            now = globaltimer()
-            waited += tl.where(last == 0, 0, now - last)
-            last = now
-    ok = ok & ((word & _ARRIVALS) >= target) & ((word & _FAILED) == 0)
-    if ok == 0:  # tell the others: they stop waiting too
-        tl.atomic_or(sync_ptr, _FAILED, sem="relaxed", scope="gpu")
-    return ok
+            word = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+            if INTERPRETED:
+                waited += _POLL_NS
+            else:
+                now = globaltimer()
+                waited += tl.where(last == 0, 0, now - last)
+                last = now
+    return ((word & _ARRIVALS) >= target) & ((word & _FAILED) == 0)
 
 
 @triton.jit
@@ -329,7 +335,7 @@ def _lower_slice(visual_ptr, inv_ptr, rel_ptr, fill_ptr, b, lo, hi, N, D, cand, 
 @triton.jit
 def _select_stream_kernel(visual_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, rel_ptr,
                           fill_ptr, nearest_ptr, sync_ptr, out_ptr, N, D, keep, n_core,
-                          n_splits, n_groups, n_sync, P, slice_len, s_vb, s_vn,
+                          n_splits, n_groups, n_sync, P, slice_len, wait_ns, s_vb, s_vn,
                           NEED_NEAREST: tl.constexpr, BLOCK_N: tl.constexpr,
                           CAND: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
                           INTERPRETED: tl.constexpr):
@@ -374,11 +380,13 @@ def _select_stream_kernel(visual_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, re
         lists = sync + 1 + (phase % 2) * P * 2 * CAND  # in turn: a late reader never sees the
         tl.store(lists + part * 2 * CAND + slots, top)  # list of the pass after its own
         tl.debug_barrier()  # every key and list stored before the arrival releases them
-        ok = _grid_wait(sync, P, phase, ok, INTERPRETED)
+        ok = _grid_wait(sync, P, phase, ok, wait_ns, INTERPRETED)
         phase += 1
         packed, bound = _candidates(lists, P, CAND, CHUNK, INTERPRETED)
         cand = _unpack(packed)[1]
-        valid = ok & (packed != _NONE) & (cand >= 0) & (cand < N)
+        # (tl.where: Triton's interpreter turns `scalar int1 & block int1` into int32, which its
+        # loads reject as a mask)
+        valid = tl.where(ok, (packed != _NONE) & (cand >= 0) & (cand < N), False)
         cand = tl.where(valid, cand, 0)
         in_core = done < n_core
         # DivPrune's first pick has its own key: after it, the candidates' keys are unknown
@@ -398,7 +406,7 @@ def _select_stream_kernel(visual_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, re
                            BLOCK_N, BLOCK_K)
     # a last barrier: every program's keys are stored before program 0 reads them all
     tl.debug_barrier()
-    ok = _grid_wait(sync, P, phase, ok, INTERPRETED)
+    ok = _grid_wait(sync, P, phase, ok, wait_ns, INTERPRETED)
     if part == 0:
         good = ok.to(tl.int32)  # masks use `x * 0 + good`: the interpreter broadcasts a
         # scalar int1 in `&` to int32 masks, which its store rejects

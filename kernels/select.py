@@ -79,6 +79,11 @@ SYNC_WORDS = 1 + 2 * MAX_PARTS * 2 * STREAM_CANDIDATES
 COOPERATIVE = True
 """Spread each image of the streaming launch 2 over the programs of a cooperative grid on
 CUDA; False gives one program per image (what the interpreter runs)."""
+BARRIER_TIMEOUT_S = 10.0
+"""Longest wait of a program at a grid-wide barrier of the streaming launch 2 (GPU time, from
+the first poll) before its image is marked failed. A correct run waits microseconds; seconds
+leave room for time-slicing, preemption, MPS sharing and compute-sanitizer. Under Triton's
+interpreter each poll counts as 0.1 ms."""
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 """Compile options of every launch: no FMA contraction, so picks do not depend on Triton's
 default (which changes in 3.10)."""
@@ -210,7 +215,7 @@ def _launch_stream(args, B, N, visual, parts, nearest_needed) -> int:
         options = dict(LAUNCH_OPTIONS, launch_cooperative_grid=True) if p > 1 else LAUNCH_OPTIONS
         kernel = (functools.partial(_select_stream_kernel.warmup, grid=(p, B)) if warmup
                   else _select_stream_kernel[(p, B)])
-        return kernel(*args, p, slice_len, *visual.stride()[:2], NEED_NEAREST=nearest_needed,
+        return kernel(*args, p, slice_len, int(BARRIER_TIMEOUT_S * 1e9), *visual.stride()[:2], NEED_NEAREST=nearest_needed,
                       BLOCK_N=STREAM_BLOCK_N, CAND=STREAM_CANDIDATES,
                       BLOCK_K=candidate_k(visual.dtype), CHUNK=LIST_CHUNK,
                       INTERPRETED=_interpreted(),
