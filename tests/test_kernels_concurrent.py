@@ -99,9 +99,9 @@ def test_cooperative_launch_completes_and_equals_the_rule(parts, kind):
 
 
 MUTANTS = {  # name -> (text of kernels/fill.py, its replacement, occurrence replaced)
-    "no-wait-in-a-pass": ("ok = _grid_wait(sync, P, phase, ok, wait_ns, INTERPRETED)",
+    "no-wait-in-a-pass": ("ok = _grid_wait(sync, P, phase, ok, wait_us, INTERPRETED)",
                           'tl.atomic_add(sync, 1, sem="acq_rel", scope="gpu")', 0),
-    "no-wait-before-the-row": ("ok = _grid_wait(sync, P, phase, ok, wait_ns, INTERPRETED)",
+    "no-wait-before-the-row": ("ok = _grid_wait(sync, P, phase, ok, wait_us, INTERPRETED)",
                                'tl.atomic_add(sync, 1, sem="acq_rel", scope="gpu")', 1),
     "one-lists-buffer": ("(phase % 2) * P * 2 * CAND", "0 * P * 2 * CAND", 0),
 }
