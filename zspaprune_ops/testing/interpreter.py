@@ -8,12 +8,14 @@ the grid index in one global builder; here it is per thread. Its atomics are rea
 the shared host copy of each argument, and ordinary loads and stores see each other at once, so
 cross-program protocols (barriers, double-buffered lists) run as written.
 
-``jitter`` (seconds) makes the schedule adversarial: around every atomic operation (arrivals
-and polls of a barrier) and every store, a program sleeps a random time up to ``jitter`` scaled
-by its own fixed slowness, drawn from ``seed`` (without jitter it still yields the interpreter
-lock there). Slow programs then publish, arrive and read late, which exposes a missing wait or
-a reused buffer. Threads share one interpreter lock, so this is for
-correctness, never for timing.
+``jitter`` (seconds) makes the schedule adversarial: around every arrival at a barrier (an
+atomic that changes the word; polls are never slowed), every store and every volatile load (what
+another program wrote), a program sleeps a random time between half and all of
+``jitter`` times its slowness (without jitter it still yields the interpreter lock there). Slowness is spread
+evenly from 0 to 1 over the programs of a launch in an order rotated by ``seed`` (seed 0: the
+first program is the fastest, the last the slowest). Slow programs then publish, arrive and read
+late, which exposes a missing wait or a reused buffer. Threads share one interpreter lock, so
+this is for correctness, never for timing.
 """
 import contextlib
 import inspect
@@ -35,7 +37,7 @@ def concurrent_grids(jitter: float = 0.0, seed: int = 0):
     builder_class = interpreter.InterpreterBuilder
     saved = {name: builder_class.__dict__.get(name)
              for name in ("grid_idx", "create_atomic_rmw", "create_atomic_cas",
-                          "create_masked_store")}
+                          "create_masked_store", "create_masked_load")}
     call = interpreter.GridExecutor.__call__
 
     def get_index(builder):
@@ -44,12 +46,14 @@ def concurrent_grids(jitter: float = 0.0, seed: int = 0):
     def set_index(builder, value):
         local.grid_idx = value
 
-    def jittered(operation):
-        def run(builder, *args, **kwargs):
-            pause = getattr(local, "pause", None)
+    def jittered(operation, when=lambda args: True):
+        def run(builder, *args):
+            pause = getattr(local, "pause", None) if when(args) else None
             if pause:
                 pause()
-            result = operation(builder, *args, **kwargs)
+            else:
+                time.sleep(0)  # yield the interpreter lock: a polling program lets others run
+            result = operation(builder, *args)
             if pause:
                 pause()
             return result
@@ -65,9 +69,15 @@ def concurrent_grids(jitter: float = 0.0, seed: int = 0):
             executor.fn = fn
 
     builder_class.grid_idx = property(get_index, set_index)
-    builder_class.create_atomic_rmw = jittered(builder_class.create_atomic_rmw)
+    # (rmw_op, ptr, val, mask, sem, scope): a poll adds 0 and is never slowed (a slow program
+    # would count its wait in slow polls); (ptrs, mask, other, cache, is_volatile): only
+    # volatile loads, which read what other programs wrote
+    builder_class.create_atomic_rmw = jittered(builder_class.create_atomic_rmw,
+                                               lambda args: bool(args[2].data.any()))
     builder_class.create_atomic_cas = jittered(builder_class.create_atomic_cas)
     builder_class.create_masked_store = jittered(builder_class.create_masked_store)
+    builder_class.create_masked_load = jittered(builder_class.create_masked_load,
+                                                lambda args: bool(args[-1]))
     device_call = interpreter.InterpretedFunction.__call__
 
     def nested_call(function, *args, **kwargs):
@@ -118,9 +128,8 @@ def _run_threads(fn, fn_args, indices, local, jitter, seed):
     def program(index, number):
         local.grid_idx = index
         rng = random.Random(seed * 1_000_003 + number)
-        slowness = rng.random()
-        # at least a yield of the interpreter lock: a polling program lets the others run
-        local.pause = lambda: time.sleep(rng.random() * slowness * jitter)
+        slowness = (number + seed) % len(indices) / max(len(indices) - 1, 1)
+        local.pause = lambda: time.sleep((1 + rng.random()) / 2 * slowness * jitter)
         try:
             fn(**fn_args)
         except BaseException as error:  # noqa: BLE001 (re-raised in the launching thread)
