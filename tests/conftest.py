@@ -43,6 +43,10 @@ SLOW_TESTS = {
         "wheel build and install: 5 s",
     "test_world.py::test_training_script_runs_a_few_steps_and_saves_a_loadable_model":
         "training: 4 s",
+    "test_kernels_concurrent.py::test_cooperative_launch_completes_and_equals_the_rule":
+        "a grid's programs as threads of Triton's interpreter, 3 ratios: 7-27 s each",
+    "test_kernels_concurrent.py::test_a_kernel_without_one_wait_or_buffer_swap_fails":
+        "mutants under a slow adversarial schedule: 10-53 s each",
     "test_llava_onevision.py::test_eager_and_sdpa_attention_give_the_same_results":
         "loads the eager model too: 5 s (load average 3)",
 }
