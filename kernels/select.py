@@ -168,9 +168,10 @@ def select_batched(visual, prompt, keep, relevance_ratio, prompt_mask=None, visu
     [B, ceil(N / 2048), N] nearest-neighbour maxima ([B, ceil(N / 64), N] in Gram mode) when a
     row can start with DivPrune's pick, and int64 [B, SYNC_WORDS] sync words when streaming.
 
-    Raises RuntimeError if a cooperative row failed (a grid-wide wait timed out; its row is then
-    all -1): checked with one sync, only on that path, unless value checks are off or a CUDA
-    graph is being captured (then the caller sees the -1 row).
+    Raises RuntimeError if a cooperative row failed (a grid-wide wait passed BARRIER_TIMEOUT_S;
+    its row is then all -1): checked with one sync, only on that path, whatever
+    ``set_value_checks`` says, except while a CUDA graph is being captured (then the caller
+    sees the -1 row: ``picks[:, 0] < 0`` flags it without a sync).
     """
     visual, prompt = _rows_contiguous(visual), _rows_contiguous(prompt)
     B, N, _ = visual.shape
