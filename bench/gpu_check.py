@@ -1,5 +1,6 @@
 """GPU checks of the fused op that the test suite does not cover: one script, few device calls.
 
+    python bench/gpu_check.py correct    # the compact correctness set of bench/gpu_session.sh
     python bench/gpu_check.py sweep      # fused vs reference on fresh random inputs, many shapes
     python bench/gpu_check.py contend    # cooperative path beside other work: 2 streams, a busy GPU
     python bench/gpu_check.py graphs     # CUDA-graph replay, torch.compile modes, no graph break
@@ -12,6 +13,11 @@
 Every check prints one line per case ending in ``ok`` or ``FAIL: why``; the exit status is 1
 if any case failed. A row that differs from the reference passes only as a genuine float64
 near-tie (``tests/literal.replay``).
+
+``--dry-run`` runs ``correct``, ``graphs`` and ``launches`` on the CPU under Triton's interpreter
+(``TRITON_INTERPRET=1``) at tiny shapes, the cooperative launch with its programs as threads
+(``zspaprune_ops.testing.interpreter``); what needs CUDA (streams, graphs, reduce-overhead) is
+skipped and says so. It checks the script, not the GPU.
 """
 import argparse
 import math
@@ -32,6 +38,8 @@ from zspaprune_ops.reference.naive import select_batched as reference  # noqa: E
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FAILURES = []
+DEVICE = "cuda"
+"""Where inputs live: "cpu" with --dry-run."""
 REPLAY_MAX_N = 8192
 """Differing rows are replayed in float64 on the CPU up to this N (its DivPrune start builds
 an N x N matrix); larger differing rows count as failures."""
@@ -45,7 +53,8 @@ def report(name, error=None):
         FAILURES.append(name)
 
 
-def make_inputs(seed, B, N, D, T, dtype, masks, clustered=False, device="cuda"):
+def make_inputs(seed, B, N, D, T, dtype, masks, clustered=False, device=None):
+    device = device or DEVICE
     g = torch.Generator(device=device).manual_seed(seed)
     if clustered:  # few centres plus small noise: many near-duplicates, hard near-ties
         centres = torch.randn(B, 16, D, generator=g, device=device)
@@ -87,6 +96,81 @@ def compare(name, args, kept=None):
             return report(name, f"row {b}: {str(error)[:300]}")
     report(name + (f" ({len(bad)} differing rows, {min(len(bad), REPLAY_ROWS)} replayed as "
                    "near-ties)" if bad else ""))
+
+
+def skipped(name, why):
+    print(f"{name}: SKIPPED ({why})", flush=True)
+
+
+CORRECT = [  # B, N, D, T, keep, gram, parts (None: automatic), dtypes, masks, ratios
+    (1, 576, 4096, 32, 64, None, None, "bf16,fp16,fp32", (False, True), (0.0, 0.5, 1.0)),
+    (3, 577, 4096, 650, 192, False, None, "bf16", (True,), (0.0, 0.5, 1.0)),
+    (64, 576, 4096, 512, 64, None, None, "bf16", (True,), (0.5,)),
+    (2, 2880, 4096, 64, 288, None, None, "bf16,fp32", (False, True), (0.0, 0.5, 1.0)),
+    (2, 8192, 4096, 32, 819, False, 2, "bf16", (True,), (0.0, 0.5)),
+    (2, 8192, 4096, 32, 819, False, 3, "fp16", (False,), (0.5, 1.0)),
+    (2, 8192, 4096, 32, 819, False, None, "bf16,fp16,fp32", (False, True), (0.0, 0.5, 1.0)),
+    (1, 32768, 4096, 32, 3277, False, None, "bf16", (False,), (0.5,)),
+]
+"""The compact set of ``correct``: both modes, the cooperative launch with 2, 3 and the
+automatic number of programs per image, masks, the three dtypes, B up to 64, N up to 32768,
+ratio 0 / 0.5 / 1. Differing rows are replayed in float64 up to REPLAY_MAX_N, failures above."""
+
+
+def tiny(B, N, D, T, keep, parts):
+    """A dry run's version of a shape: small enough for Triton's interpreter; an automatic
+    ``parts`` becomes 2 there (the interpreter has no SMs to count)."""
+    n = min(N, 70 + N % 7)
+    return (min(B, 3), n, 16, min(T, 9), max(2, min(keep, n // 4)),
+            parts or (2 if N > 4096 else None))
+
+
+def correct(args):
+    """The compact correctness set, then two calls at once on two streams."""
+    seed = 2000
+    for B, N, D, T, keep, gram, parts, dtypes, masks_options, ratios in CORRECT:
+        if args.dry_run:
+            B, N, D, T, keep, parts = tiny(B, N, D, T, keep, parts)
+            dtypes = dtypes.split(",")[0]
+        for dtype_name in dtypes.split(","):
+            for masks in masks_options:
+                for ratio in ratios:
+                    seed += 1
+                    name = (f"correct B={B} N={N} D={D} T={T} keep={keep} gram={gram} "
+                            f"parts={parts} {dtype_name} r={ratio} masks={int(masks)}")
+                    inputs = make_inputs(seed, B, N, D, T, DTYPES[dtype_name], masks, seed % 3 == 0)
+                    call = (*inputs[:2], keep, ratio, *inputs[2:])
+                    try:
+                        with cooperative(args, parts):
+                            kept = kselect.select_batched(*call, gram=gram, parts=parts)
+                        compare(name, call, kept)
+                    except Exception as error:  # noqa: BLE001 (report and go on)
+                        report(name, f"{type(error).__name__}: {str(error)[:300]}")
+    if args.dry_run:
+        return skipped("correct two streams", "needs CUDA streams")
+    B, N, D, T, keep = 1, 8192, 4096, 32, 819
+    calls = [(*x[:2], keep, 0.5, *x[2:]) for x in
+             (make_inputs(9 + i, B, N, D, T, torch.bfloat16, False) for i in range(2))]
+    expected = [reference(*c) for c in calls]
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    torch.cuda.synchronize()
+    outs = [None, None]
+    for i, stream in enumerate(streams):
+        with torch.cuda.stream(stream):
+            outs[i] = kselect.select_batched(*calls[i])
+    torch.cuda.synchronize()
+    same = [torch.equal(o, e) for o, e in zip(outs, expected)]
+    report("correct two streams at once N=8192", None if all(same) else f"equal: {same}")
+
+
+def cooperative(args, parts):
+    """In a dry run, programs of a forced P > 1 grid run as threads (else they would wait for
+    each other forever); on a GPU nothing to do."""
+    import contextlib
+    if args.dry_run and parts and parts > 1:
+        from zspaprune_ops.testing.interpreter import concurrent_grids
+        return concurrent_grids()
+    return contextlib.nullcontext()
 
 
 def sweep(args):
@@ -151,41 +235,64 @@ def contend(args):
 
 
 def graphs(args):
+    """The op eager, captured in a CUDA graph and replayed, and under torch.compile(fullgraph)
+    with reduce-overhead (CUDA graphs) and without: the same picks. A dry run compiles with
+    the aot_eager backend and skips the graphs."""
+    modes = (("reduce-overhead", "max-autotune-no-cudagraphs") if not args.dry_run
+             else ("aot_eager",))
     for N, keep in ((576, 64), (8192, 819)):
-        x = make_inputs(N, 2, N, 4096, 650, torch.bfloat16, True)
+        B, D, T = 2, 4096, 650
+        if args.dry_run:
+            B, N, D, T, keep, _ = tiny(B, N, D, T, keep, None)
+        x = make_inputs(N, B, N, D, T, torch.bfloat16, True)
         call = (*x[:2], keep, 0.5, *x[2:])
         eager = torch.ops.zspaprune.select(*call)
         compare(f"graphs eager op N={N}", call, eager)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            torch.ops.zspaprune.select(*call)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = torch.ops.zspaprune.select(*call)
-        ok = True
-        for _ in range(3):
-            captured.fill_(-7)
-            graph.replay()
-            torch.cuda.synchronize()
-            ok &= torch.equal(captured, eager)
-        report(f"graphs replay N={N}", None if ok else "replay differs from eager")
+        if args.dry_run:
+            skipped(f"graphs replay N={N}", "needs CUDA graphs")
+        else:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                torch.ops.zspaprune.select(*call)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = torch.ops.zspaprune.select(*call)
+            ok = True
+            for _ in range(3):
+                captured.fill_(-7)
+                graph.replay()
+                torch.cuda.synchronize()
+                ok &= torch.equal(captured, eager)
+            report(f"graphs replay N={N}", None if ok else "replay differs from eager")
 
         def prune(visual, prompt, prompt_mask, visual_mask):
             kept = torch.ops.zspaprune.select(visual, prompt, keep, 0.5, prompt_mask, visual_mask)
             return torch.gather(visual, 1, kept[..., None].expand(-1, -1, visual.shape[2])) * 2
 
         expected = prune(*x)
-        for mode in ("reduce-overhead", "max-autotune-no-cudagraphs"):
+        for mode in modes:
             torch._dynamo.reset()
             try:
-                compiled = torch.compile(prune, fullgraph=True, mode=mode)
+                compiled = (torch.compile(prune, fullgraph=True, backend=mode) if args.dry_run
+                            else torch.compile(prune, fullgraph=True, mode=mode))
                 outs = [compiled(*x).clone() for _ in range(3)]
                 same = all(torch.equal(o, expected) for o in outs)
                 report(f"graphs compile {mode} N={N}", None if same else "differs from eager")
             except Exception as error:  # noqa: BLE001
                 report(f"graphs compile {mode} N={N}", f"{type(error).__name__}: {str(error)[:300]}")
+
+
+def sanitize(args):
+    """Three small launches for compute-sanitizer: Gram mode, the cooperative streaming launch
+    with P = 2, and masks (with a DivPrune start); each checked against the reference."""
+    cases = [  # B, N, D, T, keep, ratio, masks, gram, parts
+        (2, 300, 256, 20, 40, 0.5, False, True, None),
+        (1, 3000, 256, 20, 50, 0.5, False, False, 2),
+        (2, 2000, 256, 20, 64, 0.0, True, False, None),
+    ]
+    run_launches(args, cases)
 
 
 def launches(args):
@@ -198,10 +305,17 @@ def launches(args):
         (1, 3000, 256, 20, 50, 0.0, False, False, 8),
         (1, 3000, 256, 20, 50, 0.5, True, False, 1),
     ]
+    run_launches(args, cases)
+
+
+def run_launches(args, cases):
     for i, (B, N, D, T, keep, ratio, masks, gram, parts) in enumerate(cases):
+        if args.dry_run:
+            B, N, D, T, keep, _ = tiny(B, N, D, T, keep, None)
         x = make_inputs(i, B, N, D, T, torch.bfloat16, masks)
         call = (*x[:2], keep, ratio, *x[2:])
-        kept = kselect.select_batched(*call, gram=gram, parts=parts)
+        with cooperative(args, parts):
+            kept = kselect.select_batched(*call, gram=gram, parts=parts)
         compare(f"launches B={B} N={N} r={ratio} masks={int(masks)} gram={gram} parts={parts}",
                 call, kept)
 
@@ -299,12 +413,25 @@ def modes(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checks", nargs="+",
-                        choices=["sweep", "contend", "graphs", "launches", "profile", "modes"])
+                        choices=["correct", "sweep", "contend", "graphs", "launches", "sanitize",
+                                 "profile", "modes"])
     parser.add_argument("--dtypes", default="bf16,fp16,fp32")
     parser.add_argument("--device", default="h200", choices=["h100", "h200"],
                         help="the performance model's device (modes)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny shapes on the CPU under Triton's interpreter (correct, "
+                             "graphs, launches, sanitize)")
     args = parser.parse_args()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+    global DEVICE
+    if args.dry_run:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            parser.error("--dry-run needs TRITON_INTERPRET=1 in the environment")
+        unsupported = set(args.checks) - {"correct", "graphs", "launches", "sanitize"}
+        if unsupported:
+            parser.error(f"--dry-run runs correct, graphs, launches, sanitize, not {unsupported}")
+        DEVICE = "cpu"
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (dry run, interpreter)"
+    print(f"{name}, torch {torch.__version__}, "
           f"triton {__import__('triton').__version__}, commit "
           f"{os.environ.get('ZSPAPRUNE_COMMIT', 'unknown')}", flush=True)
     for check in args.checks:

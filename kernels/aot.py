@@ -92,12 +92,15 @@ def _signature(kernel, pointers):
 
 
 def _aligned(kernel):
-    """Divisibility-by-16 hints that the runtime gives aligned pointers, row strides and D (the
-    usual case, e.g. D = 4096); other values get a specialization that differs in loads only
-    (for 16-bit features with D not a multiple of 16, the K loop is not cp.async-pipelined)."""
-    aligned = [i for i, name in enumerate(kernel.arg_names)
-               if name.endswith("_ptr") or name in ("s_vb", "s_vn", "s_pb", "s_pt", "D",
-                                                     "split_len")]
+    """Divisibility-by-16 hints as the runtime gives them: every pointer but those the kernel
+    does not specialize on alignment (masks, output rows: they compile one variant whatever
+    their address), and D, the feature row strides and split_len when D is a multiple of 16
+    (e.g. 4096). Scratch views are always aligned and unaligned features are copied, so these
+    are the only variants but for D not a multiple of 16 (loads differ only: for 16-bit features
+    the K loop is not cp.async-pipelined)."""
+    loose = set(kernel.do_not_specialize_on_alignment) | set(kernel.do_not_specialize)
+    aligned = [i for i, name in enumerate(kernel.arg_names) if name not in loose and (
+        name.endswith("_ptr") or name in ("s_vn", "s_pt", "D", "split_len"))]
     return {(i,): [["tt.divisibility", 16]] for i in aligned}
 
 

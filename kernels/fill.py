@@ -17,14 +17,16 @@ from zspaprune_ops.rule import DEMOTED, NORM_EPS, PADDING
 _DEMOTED = tl.constexpr(DEMOTED)
 _PADDING = tl.constexpr(PADDING)
 _EPS = tl.constexpr(NORM_EPS)
-_WAIT_NS = tl.constexpr(100_000_000)
-"""Longest wait at a grid-wide barrier (100 ms) before the image is marked failed."""
+_POLL_NS = tl.constexpr(100_000)
+"""What one poll of a barrier counts as under Triton's interpreter (no GPU timer there)."""
 _LOW = tl.constexpr(0xFFFFFFFF)
 _NONE = tl.constexpr(-(1 << 63))
 """A packed key below every real one: an empty list slot."""
 _FAILED = tl.constexpr(1 << 40)
 """Bit of an image's sync word set when a program gave up waiting (arrivals stay below it)."""
 _ARRIVALS = tl.constexpr((1 << 40) - 1)
+_LISTS_AT = tl.constexpr(16)
+"""First int64 word of an image's lists buffers: the barrier word has its 128-byte line alone."""
 
 
 @triton.jit
@@ -107,7 +109,8 @@ def _lower_by_rows(fill, offs, picks, valid, distance):
     return tl.where(taken > 0, float("-inf"), tl.where(nearest < fill, nearest, fill))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "keep", "n_core", "n_splits", "n_groups"],
+            do_not_specialize_on_alignment=["out_ptr"])
 def _select_gram_kernel(gram_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, fill_ptr, nearest_ptr,
                         out_ptr, N, keep, n_core, n_splits, n_groups,
                         NEED_NEAREST: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
@@ -148,7 +151,7 @@ def _select_gram_kernel(gram_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, fill_p
     chosen = inside & (fill == float("-inf"))
     position = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
     tl.debug_barrier()  # every read of the parked core is done before the row is written
-    tl.store(out_ptr + b * keep + position, offs.to(tl.int64), mask=chosen)
+    tl.store(out_ptr + b * keep + position, offs.to(tl.int64), mask=chosen & (position < keep))
 
 
 @triton.jit
@@ -191,31 +194,38 @@ def _ranked(x, a, b):
 
 
 @triton.jit
-def _grid_wait(sync_ptr, P, phase, ok, INTERPRETED: tl.constexpr):
+def _grid_wait(sync_ptr, P, phase, ok, wait_us, INTERPRETED: tl.constexpr):
     """Arrive at barrier ``phase`` of the image's P programs and wait for all of them.
 
-    sync_ptr: the image's sync word: arrivals in the low bits, ``_FAILED`` once any program gave
-    up. The arrival releases this program's earlier stores (call ``tl.debug_barrier()`` first),
-    the polls acquire the others'. Returns ``ok``, False for good after a wait longer than
-    100 ms or a failure flagged by another program (this program then flags it too). With
-    P = 1 nothing waits. Triton's interpreter, which runs programs one after another, has no
-    GPU timer: there each poll counts as 0.1 ms, so a forced P > 1 fails after 1000 polls."""
+    sync_ptr: the image's barrier word: arrivals in the low bits, ``_FAILED`` once the image
+    failed. The arrival releases this program's earlier stores (call ``tl.debug_barrier()``
+    first), the polls acquire the others'. Returns whether every program arrived before the
+    image failed; all P programs agree on it: a program that gives up (``ok`` already False, or
+    a wait over ``wait_us`` microseconds) sets ``_FAILED`` only while the barrier is still short
+    (a compare-and-swap against the word it last read), so a last arrival that lands as the wait
+    times out passes the barrier for everyone, and once ``_FAILED`` is set no program passes
+    it. With P = 1 nothing waits. Triton's interpreter has no GPU timer: there each poll counts
+    as ``_POLL_NS``."""
     target = P * (phase + 1)
+    wait_ns = wait_us.to(tl.int64) * 1000
+    if ok == 0:  # failed before this barrier: flag it before arriving, so nobody passes it
+        tl.atomic_or(sync_ptr, _FAILED, sem="release", scope="gpu")
     word = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu") + 1
     waited = tl.zeros([], tl.int64)
     last = tl.zeros([], tl.int64)
-    while ((word & _ARRIVALS) < target) & ((word & _FAILED) == 0) & (waited < _WAIT_NS) & ok:
-        word = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
-        if INTERPRETED:
-            waited += _WAIT_NS // 1000
+    while ((word & _ARRIVALS) < target) & ((word & _FAILED) == 0):
+        if waited >= wait_ns:  # give up, unless the last arrival landed since `word` was read
+            seen = tl.atomic_cas(sync_ptr, word, word | _FAILED, sem="acq_rel", scope="gpu")
+            word = tl.where(seen == word, word | _FAILED, seen)
         else:
-            now = globaltimer()
-            waited += tl.where(last == 0, 0, now - last)
-            last = now
-    ok = ok & ((word & _ARRIVALS) >= target) & ((word & _FAILED) == 0)
-    if ok == 0:  # tell the others: they stop waiting too
-        tl.atomic_or(sync_ptr, _FAILED, sem="relaxed", scope="gpu")
-    return ok
+            word = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+            if INTERPRETED:
+                waited += _POLL_NS
+            else:
+                now = globaltimer()
+                waited += tl.where(last == 0, 0, now - last)
+                last = now
+    return ((word & _ARRIVALS) >= target) & ((word & _FAILED) == 0)
 
 
 @triton.jit
@@ -326,10 +336,12 @@ def _lower_slice(visual_ptr, inv_ptr, rel_ptr, fill_ptr, b, lo, hi, N, D, cand, 
     return top
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "keep", "n_core", "n_splits", "n_groups", "n_sync", "P",
+                               "slice_len", "wait_us", "s_vb"],
+            do_not_specialize_on_alignment=["out_ptr"])
 def _select_stream_kernel(visual_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, rel_ptr,
                           fill_ptr, nearest_ptr, sync_ptr, out_ptr, N, D, keep, n_core,
-                          n_splits, n_groups, n_sync, P, slice_len, s_vb, s_vn,
+                          n_splits, n_groups, n_sync, P, slice_len, wait_us, s_vb, s_vn,
                           NEED_NEAREST: tl.constexpr, BLOCK_N: tl.constexpr,
                           CAND: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
                           INTERPRETED: tl.constexpr):
@@ -344,8 +356,8 @@ def _select_stream_kernel(visual_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, re
     lowers its slice's fill keys by the picks' distances, CAND columns of one tensor-core
     product per token block, listing its best keys for the next pass (``_lower_slice``).
 
-    sync_ptr [B, n_sync] int64: word 0 the barrier (``_grid_wait``), then two lists buffers
-    [2, P, 2 * CAND] used in turn. P > 1 needs all B * P programs resident at once: the host
+    sync_ptr [B, n_sync] int64: word 0 the barrier (``_grid_wait``), from word ``_LISTS_AT``
+    two lists buffers [2, P, 2 * CAND] used in turn. P > 1 needs all B * P programs resident at once: the host
     launches a cooperative grid. A failed image's row is all -1 and its sync word has
     ``_FAILED``; no index outside [0, N) is ever read or written."""
     part = tl.program_id(0)
@@ -371,14 +383,16 @@ def _select_stream_kernel(visual_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, re
     done = tl.zeros([], tl.int32)
     phase = tl.zeros([], tl.int32)
     while done < keep:
-        lists = sync + 1 + (phase % 2) * P * 2 * CAND  # in turn: a late reader never sees the
+        lists = sync + _LISTS_AT + (phase % 2) * P * 2 * CAND  # in turn: a late reader never sees the
         tl.store(lists + part * 2 * CAND + slots, top)  # list of the pass after its own
         tl.debug_barrier()  # every key and list stored before the arrival releases them
-        ok = _grid_wait(sync, P, phase, ok, INTERPRETED)
+        ok = _grid_wait(sync, P, phase, ok, wait_us, INTERPRETED)
         phase += 1
         packed, bound = _candidates(lists, P, CAND, CHUNK, INTERPRETED)
         cand = _unpack(packed)[1]
-        valid = ok & (packed != _NONE) & (cand >= 0) & (cand < N)
+        # (tl.where: Triton's interpreter turns `scalar int1 & block int1` into int32, which its
+        # loads reject as a mask)
+        valid = tl.where(ok, (packed != _NONE) & (cand >= 0) & (cand < N), False)
         cand = tl.where(valid, cand, 0)
         in_core = done < n_core
         # DivPrune's first pick has its own key: after it, the candidates' keys are unknown
@@ -398,7 +412,7 @@ def _select_stream_kernel(visual_ptr, part_ptr, psq_ptr, counts_ptr, inv_ptr, re
                            BLOCK_N, BLOCK_K)
     # a last barrier: every program's keys are stored before program 0 reads them all
     tl.debug_barrier()
-    ok = _grid_wait(sync, P, phase, ok, INTERPRETED)
+    ok = _grid_wait(sync, P, phase, ok, wait_us, INTERPRETED)
     if part == 0:
         good = ok.to(tl.int32)  # masks use `x * 0 + good`: the interpreter broadcasts a
         # scalar int1 in `&` to int32 masks, which its store rejects

@@ -40,14 +40,16 @@ class Device:
     hbm_latency_s: float  # one dependent load from HBM
     argmax_s: float      # block argmax over the keys of one program (shuffles + shared memory)
     barrier_s: float     # one grid-wide barrier: atomics through L2 and polling
+    arrival_s: float     # each program's arrival atomic, serialized at the word's L2 slice
+    topk_s: float        # tl.topk of one LIST_CHUNK x 32 load of packed keys (bitonic)
     launch_s: float      # gap between two launches inside a CUDA graph
 
 
 DEVICES = {
     "h200": Device("H200", 4.3e12, 9e12, 788e12, 60e12, 132, 0.30e-6, 0.65e-6, 0.15e-6,
-                   1.5e-6, 1.5e-6),
+                   1.5e-6, 0.01e-6, 0.6e-6, 1.5e-6),
     "h100": Device("H100 SXM", 3.0e12, 9e12, 788e12, 60e12, 132, 0.30e-6, 0.65e-6, 0.15e-6,
-                   1.5e-6, 1.5e-6),
+                   1.5e-6, 0.01e-6, 0.6e-6, 1.5e-6),
 }
 """H200: copy bandwidth and matrix rate measured on this workplace's H200 (KINDS.md, 4.3 TB/s
 and 788 TFLOP/s); H100: 90% of the 3.35 TB/s datasheet figure, the same compute. L2 bandwidth,
@@ -116,12 +118,16 @@ def predict(B, N, D, T, keep, ratio=0.5, dtype="bf16", masks=False, device="h200
         fill_picks = keep - n_core - (1 if divprune else 0)  # DivPrune's first: a pass alone
         passes = (math.ceil(n_core / k.STREAM_CANDIDATES) + (1 if divprune else 0)
                   + math.ceil(fill_picks / fill_picks_per_pass(N)))
-        # a pass beside its feature stream: the barrier, the lists' merge (one L2 round trip
-        # per LIST_CHUNK lists, then the list stores and keys), the candidates' [16, D] rows
+        # a pass beside its feature stream: the barrier (its word alone on a cache line, so
+        # only the B * parts arrivals queue at it, not the lists' stores), the merge of the P
+        # lists that every program does itself (per LIST_CHUNK lists one L2 round trip and a
+        # bitonic top-k, then the list stores and keys), the candidates' [16, D] rows
         # (Triton's 3 loads in flight per chunk) and one small reduction per confirmed pick
-        merge_s = (math.ceil(parts / k.LIST_CHUNK) + 2) * dev.l2_latency_s
+        barrier_s = dev.barrier_s + parts * dev.arrival_s
+        merge_s = (math.ceil(parts / k.LIST_CHUNK) * (dev.l2_latency_s + dev.topk_s)
+                   + 2 * dev.l2_latency_s)
         candidates_s = math.ceil(D / k.candidate_k(_TORCH_DTYPE[dtype])) / 3 * dev.l2_latency_s
-        overhead_s = passes * (dev.barrier_s + merge_s + candidates_s) + keep * dev.argmax_s
+        overhead_s = passes * (barrier_s + merge_s + candidates_s) + keep * dev.argmax_s
         seconds = passes * pass_s + overhead_s
         hbm = step_bytes * passes if source_Bps == dev.hbm_Bps else stats_bytes
         launches.append(Launch(f"2 core + fill (streaming, {parts} programs/image)", hbm,
@@ -189,7 +195,9 @@ def main(argv=None) -> int:
     print(f"model for {dev.name}: HBM {dev.hbm_Bps / 1e12:.1f} TB/s, L2 {dev.l2_Bps / 1e12:.0f} "
           f"TB/s, {dev.tensor_flops / 1e12:.0f} TFLOP/s; per step: L2 load "
           f"{dev.l2_latency_s * 1e6:.2f} us, argmax {dev.argmax_s * 1e6:.2f} us, grid barrier "
-          f"{dev.barrier_s * 1e6:.2f} us; launch gap {dev.launch_s * 1e6:.1f} us")
+          f"{dev.barrier_s * 1e6:.2f} us + {dev.arrival_s * 1e9:.0f} ns per program, lists' "
+          f"top-k {dev.topk_s * 1e6:.2f} us per {k.LIST_CHUNK} lists; launch gap "
+          f"{dev.launch_s * 1e6:.1f} us")
     for name, (B, N, D, T, keep, masks) in shapes.items():
         launches = predict(B, N, D, T, keep, args.ratio, args.dtype, masks, args.device)
         print(f"\n{name}: B={B} N={N} D={D} T={T} keep={keep} ratio={args.ratio} {args.dtype}"

@@ -17,13 +17,14 @@ _PADDING = tl.constexpr(PADDING)
 _EPS = tl.constexpr(NORM_EPS)
 
 
-@triton.jit
-def _prompt_kernel(prompt_ptr, pmask_ptr, psum_ptr, counts_ptr, sync_ptr, T, D, n_sync,
-                   s_pb, s_pt, s_pmb, s_pmt, HAS_PMASK: tl.constexpr, BD: tl.constexpr,
+@triton.jit(do_not_specialize=["T", "n_sync", "keep", "s_pb", "s_pmb", "s_pmt"],
+            do_not_specialize_on_alignment=["pmask_ptr", "out_ptr"])
+def _prompt_kernel(prompt_ptr, pmask_ptr, psum_ptr, counts_ptr, sync_ptr, out_ptr, T, D, n_sync,
+                   keep, s_pb, s_pt, s_pmb, s_pmt, HAS_PMASK: tl.constexpr, BD: tl.constexpr,
                    BT: tl.constexpr):
     """Launch 0, grid (ceil(D / BD), B): psum [B, D] float32, the sum of the real prompt tokens;
     counts int32 [B], how many there are; sync int64 [B, n_sync]: word 0 (launch 2's barrier)
-    reset when n_sync > 0."""
+    reset when n_sync > 0; out int64 [B, keep]: every row -1 until launch 2 writes it."""
     block = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     ds = block * BD + tl.arange(0, BD)
@@ -44,6 +45,10 @@ def _prompt_kernel(prompt_ptr, pmask_ptr, psum_ptr, counts_ptr, sync_ptr, T, D, 
         tl.store(counts_ptr + b, tl.sum(count, axis=0))
     if (block == 0) & (n_sync > 0):
         tl.store(sync_ptr + b * n_sync, tl.zeros([], tl.int64))
+    if block == 0:
+        for k0 in range(0, keep, BT):
+            ks = k0 + tl.arange(0, BT)
+            tl.store(out_ptr + b * keep + ks, tl.full([BT], -1, tl.int64), mask=ks < keep)
 
 
 @triton.jit
@@ -184,7 +189,9 @@ def _nearest_group(visual_ptr, vmask_ptr, nearest_ptr, b, tile_m, group, N, D, t
     tl.store(nearest_ptr + (b * n_groups + group) * N + rows, nearest, mask=rows < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "n_core", "n_splits", "tiles_per_group", "n_groups", "s_vb",
+                               "s_vmb", "s_vmn"],
+            do_not_specialize_on_alignment=["vmask_ptr"])
 def _prepare_kernel(visual_ptr, vmask_ptr, psum_ptr, counts_ptr, part_ptr, psq_ptr, fill_ptr,
                     gram_ptr, nearest_ptr, N, D, n_core, n_splits, split_len, tiles_per_group,
                     n_groups, s_vb, s_vn, s_vmb, s_vmn,

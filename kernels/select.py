@@ -14,14 +14,14 @@ capturable. See kernels/README.md.
 """
 import contextlib
 import functools
+import warnings
 
 import torch
 import triton
 
-from zspaprune_ops import _validate
 from zspaprune_ops.rule import core_size, may_start_with_divprune
 
-from .fill import _FAILED, _select_gram_kernel, _select_stream_kernel
+from .fill import _FAILED, _LISTS_AT, _select_gram_kernel, _select_stream_kernel
 from .prepare import _prepare_kernel, _prompt_kernel
 
 TILE = 64
@@ -61,6 +61,8 @@ STREAM_CANDIDATES = 16
 pass over the features (a [32, D] x [D, 16] tensor-core product per token block), and every
 pick the one-at-a-time rule makes among them is confirmed in that pass (core picks: 16 per
 pass; fill picks: ``bench/multipick_sim.py`` counts 3-13 per pass for N = 576-32768)."""
+SCRATCH_ALIGN = 32
+"""float32 elements: every scratch view starts on a 128-byte boundary (a cache line)."""
 LIST_CHUNK = 32
 """Programs' candidate lists merged per load (32 x 32 packed keys)."""
 
@@ -74,14 +76,55 @@ def candidate_k(dtype: torch.dtype) -> int:
 
 MAX_PARTS = 256
 """Most programs per image in the cooperative streaming launch 2."""
-SYNC_WORDS = 1 + 2 * MAX_PARTS * 2 * STREAM_CANDIDATES
-"""int64 words per image of the streaming launch 2: its barrier, then two lists buffers."""
+SYNC_WORDS = _LISTS_AT.value + 2 * MAX_PARTS * 2 * STREAM_CANDIDATES
+"""int64 words per image of the streaming launch 2: its barrier word alone on a 128-byte line
+(the lists that programs store do not share the line every program polls), then two lists
+buffers; a multiple of 16, so each image's barrier starts a line."""
 COOPERATIVE = True
 """Spread each image of the streaming launch 2 over the programs of a cooperative grid on
 CUDA; False gives one program per image (what the interpreter runs)."""
+BARRIER_TIMEOUT_S = 10.0
+"""Longest wait of a program at a grid-wide barrier of the streaming launch 2 (GPU time, from
+the first poll) before its image is marked failed. A correct run waits microseconds; seconds
+leave room for time-slicing, preemption, MPS sharing and compute-sanitizer. Under Triton's
+interpreter each poll counts as 0.1 ms."""
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 """Compile options of every launch: no FMA contraction, so picks do not depend on Triton's
 default (which changes in 3.10)."""
+
+
+def warmup(device, dtype: torch.dtype, features: int, *, masks=(False, True)) -> int:
+    """Compile every kernel variant that calls with ``dtype`` features of size ``features``
+    (D) can launch on ``device``, by running each on tiny inputs: afterwards no N, keep, T,
+    batch or relevance ratio compiles anything (integer arguments other than D and the
+    feature strides are not specialized, scratch views are aligned, unaligned inputs are
+    copied). ``masks``: which mask presences to cover. Returns the calls made.
+
+    The variants (``python -m zspaprune_ops.kernels.aot`` compiles the same list ahead of
+    time): launch 0 with and without a prompt mask; launch 1 with and without a visual mask,
+    Gram scratch or not, DivPrune's nearest-neighbour pass or not; the Gram-mode launch 2 per
+    ``REGISTER_BLOCKS`` bucket, with and without that pass; the streaming launch 2 with one
+    program per image or a cooperative grid, with and without that pass. A prompt of another
+    dtype than the features, or a D that is not a multiple of 16, compiles its own."""
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(8, True, None)] + [(block + 1, True, None) for block, _ in REGISTER_BLOCKS[:-1]]
+    shapes.append((2 * STREAM_BLOCK_N + 3, False, 1))
+    if device.type == "cuda" and COOPERATIVE:
+        shapes.append((2 * STREAM_BLOCK_N + 3, False, 2))
+    calls = 0
+    for vmask in masks:
+        for pmask, ratio in ((False, 0.5), (False, 0.0), (True, 0.5)):
+            if pmask and True not in masks:
+                continue
+            for n, gram, parts in shapes:
+                visual = torch.randn(1, n, features, generator=g).to(device, dtype)
+                prompt = torch.randn(1, 3, features, generator=g).to(device, dtype)
+                pm = torch.ones(1, 3, dtype=torch.bool, device=device) if pmask else None
+                vm = torch.ones(1, n, dtype=torch.bool, device=device) if vmask else None
+                select_batched(visual, prompt, 4, ratio, pm, vm, gram=gram, parts=parts)
+                calls += 1
+    return calls
 
 
 def uses_gram(n: int) -> bool:
@@ -125,9 +168,10 @@ def select_batched(visual, prompt, keep, relevance_ratio, prompt_mask=None, visu
     [B, ceil(N / 2048), N] nearest-neighbour maxima ([B, ceil(N / 64), N] in Gram mode) when a
     row can start with DivPrune's pick, and int64 [B, SYNC_WORDS] sync words when streaming.
 
-    Raises RuntimeError if a cooperative row failed (a grid-wide wait timed out; its row is then
-    all -1): checked with one sync, only on that path, unless value checks are off or a CUDA
-    graph is being captured (then the caller sees the -1 row).
+    Raises RuntimeError if a cooperative row failed (a grid-wide wait passed BARRIER_TIMEOUT_S;
+    its row is then all -1): checked with one sync, only on that path, whatever
+    ``set_value_checks`` says, except while a CUDA graph is being captured (then the caller
+    sees the -1 row: ``picks[:, 0] < 0`` flags it without a sync).
     """
     visual, prompt = _rows_contiguous(visual), _rows_contiguous(prompt)
     B, N, _ = visual.shape
@@ -157,22 +201,23 @@ def _select_chunk(visual, prompt, keep, relevance_ratio, prompt_mask, visual_mas
     n_groups = triton.cdiv(n_tiles, tiles_per_group) if gram or nearest_needed else 0
     n_sync = 0 if gram else SYNC_WORDS
 
-    # one float32 allocation, carved up (each allocation costs host time)
-    sizes = {"keys": 3 * B * N, "part": B * 2 * n_splits * N, "psum": B * D, "psq": B * n_splits,
+    # one float32 allocation, carved up (each allocation costs host time); every view starts on
+    # a 128-byte boundary, so the kernels' pointers are aligned whatever B, N and D are (Triton
+    # specializes on alignment: an unaligned view would compile a variant of its own)
+    sizes = {"inv": B * N, "rel": B * N, "fill": B * N, "part": B * 2 * n_splits * N, "psum": B * D, "psq": B * n_splits,
              "gram": B * N * N if gram else 0, "nearest": B * n_groups * N if nearest_needed else 0}
-    scratch = torch.empty(sum(sizes.values()), device=visual.device, dtype=torch.float32)
-    views, offset = {}, 0
-    for name, size in sizes.items():
-        views[name] = scratch[offset:offset + size]
-        offset += size
-    inv, rel, fill = views["keys"].view(3, B, N).unbind(0)
+    offsets = aligned_offsets(sizes.values(), SCRATCH_ALIGN)
+    scratch = torch.empty(offsets[-1], device=visual.device, dtype=torch.float32)
+    views = {name: scratch[start:start + size]
+             for (name, size), start in zip(sizes.items(), offsets)}
+    inv, rel, fill = views["inv"], views["rel"], views["fill"]
     counts = torch.empty(B, device=visual.device, dtype=torch.int32)
     sync = torch.empty(B, max(n_sync, 1), device=visual.device, dtype=torch.int64)
     gram_scratch = views["gram"] if gram else inv
     nearest = views["nearest"] if nearest_needed else inv
 
     _prompt_kernel[(triton.cdiv(D, PROMPT_BLOCK_D), B)](
-        prompt, _or(prompt_mask, inv), views["psum"], counts, sync, T, D, n_sync,
+        prompt, _or(prompt_mask, inv), views["psum"], counts, sync, picks, T, D, n_sync, keep,
         *prompt.stride()[:2], *_strides(prompt_mask), HAS_PMASK=prompt_mask is not None,
         BD=PROMPT_BLOCK_D, BT=PROMPT_BLOCK_T, num_warps=PROMPT_WARPS, **LAUNCH_OPTIONS)
     _prepare_kernel[(n_tiles, n_splits + n_groups, B)](
@@ -192,44 +237,72 @@ def _select_chunk(visual, prompt, keep, relevance_ratio, prompt_mask, visual_mas
     args = (visual, views["part"], views["psq"], counts, inv, rel, fill, nearest, sync, picks,
             N, D, keep, n_core, n_splits, n_groups, n_sync)
     parts = _launch_stream(args, B, N, visual, parts, nearest_needed)
-    if parts > 1 and _should_check(visual):
+    if parts > 1 and not _capturing(visual):
+        # whatever set_value_checks says: the row of a failed image is all -1, and a caller
+        # that gathers with it would read the last token silently
         failed = (sync[:, 0] & _FAILED.value) != 0
         if bool(failed.any()):
             raise RuntimeError(
-                f"zspaprune: the cooperative selection kernel timed out for images "
-                f"{failed.nonzero().flatten().tolist()} of this call (their rows are -1); set "
+                f"zspaprune: the cooperative selection kernel failed for images "
+                f"{failed.nonzero().flatten().tolist()} of this call (a grid-wide wait passed "
+                f"BARRIER_TIMEOUT_S = {BARRIER_TIMEOUT_S} s; their rows are -1); set "
                 "zspaprune_ops.kernels.select.COOPERATIVE = False to run one program per image")
 
 
 def _launch_stream(args, B, N, visual, parts, nearest_needed) -> int:
     """Launch the streaming launch 2 with ``parts`` programs per image (default: as many as
-    fit at once, as a cooperative grid); falls back to one program per image if the driver
-    refuses the cooperative launch. Returns the programs per image used."""
+    fit at once, as a cooperative grid). If the driver refuses a cooperative grid that large,
+    tries half as many programs per image, down to one (no grid-wide wait), and warns once per
+    process. Returns the programs per image used."""
     def launch(p, warmup=False):
         slice_len = triton.cdiv(triton.cdiv(N, p), STREAM_BLOCK_N) * STREAM_BLOCK_N
         options = dict(LAUNCH_OPTIONS, launch_cooperative_grid=True) if p > 1 else LAUNCH_OPTIONS
         kernel = (functools.partial(_select_stream_kernel.warmup, grid=(p, B)) if warmup
                   else _select_stream_kernel[(p, B)])
-        return kernel(*args, p, slice_len, *visual.stride()[:2], NEED_NEAREST=nearest_needed,
-                      BLOCK_N=STREAM_BLOCK_N, CAND=STREAM_CANDIDATES,
-                      BLOCK_K=candidate_k(visual.dtype), CHUNK=LIST_CHUNK,
-                      INTERPRETED=_interpreted(),
-                      num_warps=STREAM_WARPS, **options)
+        return kernel(*args, p, slice_len, int(BARRIER_TIMEOUT_S * 1e6), *visual.stride()[:2],
+                      NEED_NEAREST=nearest_needed, BLOCK_N=STREAM_BLOCK_N,
+                      CAND=STREAM_CANDIDATES, BLOCK_K=candidate_k(visual.dtype),
+                      CHUNK=LIST_CHUNK, INTERPRETED=_interpreted(), num_warps=STREAM_WARPS,
+                      **options)
 
     if parts is None:
-        per_sm = _programs_per_sm(launch(2, warmup=True)) if visual.is_cuda else 1
+        per_sm = 1
+        if visual.is_cuda and COOPERATIVE:  # the variant every P > 1 runs (P is not specialized)
+            key = (visual.device, visual.dtype, nearest_needed, visual.stride(1) % 16 == 0)
+            if key not in _OCCUPANCY:
+                _OCCUPANCY[key] = _programs_per_sm(launch(2, warmup=True))
+            per_sm = _OCCUPANCY[key]
         parts = stream_parts(B, N, visual.device, per_sm)
-    if parts == 1:
-        launch(1)
-        return 1
-    try:
-        launch(parts)
-    except RuntimeError as error:  # e.g. CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE
-        if "cooperative" not in str(error).lower() and "too large" not in str(error).lower():
-            raise
-        launch(1)
-        return 1
-    return parts
+    while parts > 1:
+        try:
+            launch(parts)
+            return parts
+        except RuntimeError as error:  # CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE
+            if not _refused(error):
+                raise
+            _warn_refused(parts, B, error)
+            parts //= 2
+    launch(1)
+    return 1
+
+
+_OCCUPANCY = {}
+"""Programs per SM of the cooperative streaming kernel, per (device, dtype, DivPrune pass,
+aligned rows): measured once from the compiled kernel."""
+_warned = []
+
+
+def _refused(error: RuntimeError) -> bool:
+    text = str(error).lower()
+    return "cooperative" in text or "too large" in text or "too many blocks" in text
+
+
+def _warn_refused(parts: int, batch: int, error: RuntimeError) -> None:
+    if not _warned:
+        _warned.append(True)
+        warnings.warn(f"zspaprune: the driver refused a cooperative grid of {parts} x {batch} "
+                      f"programs ({error}); trying fewer programs per image (slower). Warned "
+                      "once per process.", RuntimeWarning, stacklevel=4)
 
 
 def _programs_per_sm(kernel) -> int:
@@ -249,9 +322,17 @@ def _programs_per_sm(kernel) -> int:
         return 1
 
 
-def _should_check(visual) -> bool:
-    return _validate.value_checks_enabled() and not (
-        visual.is_cuda and torch.cuda.is_current_stream_capturing())
+def _capturing(visual) -> bool:
+    return visual.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def aligned_offsets(sizes, align: int) -> list:
+    """Start of each of ``sizes`` (elements) in one buffer, each a multiple of ``align``, and
+    the buffer's length last."""
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + triton.cdiv(size, align) * align)
+    return offsets
 
 
 def feature_splits(d: int, chunk: int):
@@ -274,8 +355,11 @@ def _interpreted() -> bool:
 
 
 def _rows_contiguous(x):
-    """The kernels index features with unit stride: copy only inputs laid out otherwise."""
-    return x if x.shape[-1] == 1 or x.stride(-1) == 1 else x.contiguous()
+    """The kernels index features with unit stride from a 16-byte aligned start (Triton
+    compiles another variant for an unaligned pointer): copy only inputs that are not."""
+    if (x.shape[-1] == 1 or x.stride(-1) == 1) and x.data_ptr() % 16 == 0:
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 def _strides(mask):

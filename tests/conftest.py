@@ -46,6 +46,10 @@ SLOW_TESTS = {
     "test_demo.py::test_demo_runs_the_new_families_and_draws_their_views":
         "a tiny OneVision / InternVL / Gemma 3 through the whole demo: 1-4 s each when the "
         "machine is quiet, 3-12 s under load",
+    "test_kernels_concurrent.py::test_cooperative_launch_completes_and_equals_the_rule":
+        "a grid's programs as threads of Triton's interpreter, 3 ratios: 7-27 s each",
+    "test_kernels_concurrent.py::test_a_kernel_without_one_wait_or_buffer_swap_fails":
+        "mutants under a slow adversarial schedule: 10-53 s each",
     "test_llava_onevision.py::test_eager_and_sdpa_attention_give_the_same_results":
         "loads the eager model too: 5 s (load average 3)",
 }

@@ -1,14 +1,16 @@
 """The fused kernels at the shapes of the kernels issue, and CUDA-graph capture (CUDA only).
 
-Skipped without a GPU: run `pytest tests` on a CUDA machine (the kernels then run natively, and
-the streaming shapes use the cooperative multi-program launch).
+Marked ``gpu`` (``pytest -m gpu tests`` runs these alone) and skipped without a GPU: run them on
+a CUDA machine (the kernels then run natively, and the streaming shapes use the cooperative
+multi-program launch).
 """
 import pytest
 import torch
 
 from test_kernels import check, make_case
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 SHAPES = [  # B, N, D, T, keep
     (1, 576, 4096, 32, 64), (4, 576, 4096, 64, 128), (2, 576, 5120, 32, 192),

@@ -128,13 +128,17 @@ def item_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """Each item's prompt embeddings [T_i, D] (rows of ``embeds`` [B, L, D]).
 
     An explicit ``prompt_mask`` [B, L] gives every item of a sample the sample's masked real
-    non-placeholder tokens; otherwise ``zspaprune_ops.prompt.prompt_positions`` decides, one
+    non-placeholder tokens (one tensor per sample, gathered once); otherwise ``zspaprune_ops.prompt.prompt_positions`` decides, one
     parse per sample (``placeholders`` bool [B, L]: the image/video placeholders; ``inserted``:
     the processor's own text in user messages, never prompt)."""
     real = attention_mask.bool()
-    if prompt_mask is not None:
+    if prompt_mask is not None:  # one gather (and host sync) per sample, shared by its items
         rows = prompt_mask & real & ~placeholders
-        return [embeds[sample, rows[sample]] for sample, _ in starts]
+        gathered: Dict[int, torch.Tensor] = {}
+        for sample, _ in starts:
+            if sample not in gathered:
+                gathered[sample] = embeds[sample, rows[sample]]
+        return [gathered[sample] for sample, _ in starts]
     by_sample: Dict[int, List[int]] = {}
     for item, (sample, _) in enumerate(starts):
         by_sample.setdefault(sample, []).append(item)

@@ -158,8 +158,12 @@ class _PruningModel:
         prompts = embeddings.split([ids.numel() for ids in prompt_ids])
         newline = getattr(self, "image_newline", None)  # LLaVA-NeXT's row-end vector
         candidates = [candidates_without(feature, newline) for feature in features]
-        kept = choose(features, candidates, prompts, self.pruning,
-                      zspaprune_selector()).kept
+        choice = choose(features, candidates, prompts, self.pruning, zspaprune_selector())
+        if bool(choice.invalid):  # one sync: a failed selection's -1 rows would gather the
+            # last token of every item silently
+            raise RuntimeError("zspaprune: the selection failed for an image of this batch "
+                               "(negative indices); nothing was gathered")
+        kept = choice.kept
         if self.recorded_selections is not None:
             self.recorded_selections.extend(
                 (tuple(ids.tolist()), indices.tolist()) for ids, indices in zip(prompt_ids, kept))
