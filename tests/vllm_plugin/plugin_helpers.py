@@ -28,6 +28,20 @@ def checkpoint(tmp_path_factory, kind: str) -> str:
     return build_tiny_llava(tmp_path_factory.mktemp(kind), kind, seed=3, **SIZES)
 
 
+def chat_messages(*turns, system=None) -> list:
+    """A chat's messages in the typed-content form: ``turns`` are (question, number of images)
+    user turns with the answers between them; an optional system message first."""
+    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    for k, turn in enumerate(turns):
+        if k % 2:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn}]})
+        else:
+            question, images = turn
+            messages.append({"role": "user", "content": [{"type": "image"}] * images
+                             + [{"type": "text", "text": question}]})
+    return messages
+
+
 class Engine:
     """A vLLM engine on a tiny checkpoint with the plugin's model of ``kind``, recording its
     selections. Its processes inherit the environment, minus the main conftest's

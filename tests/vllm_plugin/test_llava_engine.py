@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from plugin_helpers import Engine, HFReference, checkpoint, image  # noqa: E402
+from plugin_helpers import Engine, HFReference, chat_messages, checkpoint, image  # noqa: E402
 
 BLOCK = 32
 
@@ -77,16 +77,8 @@ def test_several_images_per_prompt(llm, hf):
 
 
 def chat(hf, *turns) -> str:
-    """The chat template's prompt for user turns (question, images) and answers between them."""
-    messages = []
-    for k, turn in enumerate(turns):
-        if k % 2:
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn}]})
-        else:
-            question, images = turn
-            messages.append({"role": "user", "content": [{"type": "image"}] * images
-                             + [{"type": "text", "text": question}]})
-    return hf.processor.apply_chat_template(messages, add_generation_prompt=True)
+    """The chat template's prompt for ``chat_messages(*turns)``."""
+    return hf.processor.apply_chat_template(chat_messages(*turns), add_generation_prompt=True)
 
 
 def prefix_cache_hits(llm) -> int:
