@@ -127,15 +127,25 @@ def render(rows: list, source: str = "`bench/results/*.json`") -> str:
                 "(`python bench/bench_select.py --preset gpu` on a CUDA machine).", ""]
     runs = {}
     for row in rows:
-        key = (row["device"], row["bench"], row["torch"], row["triton"], row["commit"], row["date"])
+        key = (row["device"], row["bench"], row["torch"], row["triton"], row["commit"], row["date"],
+               row["shape"].get("data") if row["bench"] == "accuracy" else None)
         runs.setdefault(key, []).append(row)
-    for (device, bench, torch_v, triton_v, commit, date), group in runs.items():
+    for (device, bench, torch_v, triton_v, commit, date, _), group in runs.items():
         out += [f"## {bench} on {device}", "",
                 f"torch {torch_v}, triton {triton_v}, commit {commit}, {date}", ""]
         if bench == "accuracy":
-            from zspaprune_ops.eval.report import table
+            from zspaprune_ops.eval.report import paired_table, table
 
-            out += [table(group, markdown=True), ""]
+            out += [f"{group[0]['shape']['model']} on {group[0]['shape']['data']}", "",
+                    table(group, markdown=True), ""]
+            paired = paired_table(group)
+            if paired:
+                out += ["Paired differences against DivPrune on the same questions (accuracy "
+                        "points, 95% normal interval; in brackets the questions only the method "
+                        "got right / only DivPrune):", "", paired, ""]
+            continue
+        if bench == "relevance_coverage":
+            out += render_coverage(group) + [""]
             continue
         if not _is_gpu(device):
             threads = sorted({r["cpu_threads"] for r in group if r.get("cpu_threads")})
@@ -187,6 +197,38 @@ def render_table(group: list) -> list:
         for shape in shapes:
             cells = [_mib(latest.get((shape, impl))) for impl in impls]
             lines.append(f"| {_label(shapes[shape])} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_coverage(group: list) -> list:
+    """Markdown lines of ``bench/world_relevance.py``'s rows: per data set and budget, how often
+    the relevance top-``keep`` covers the object the question names, per prompt, with the new
+    prompt's paired difference against the old one."""
+    from zspaprune_ops.eval.report import paired_cell
+
+    lines = []
+    for data in dict.fromkeys(r["shape"]["data"] for r in group):
+        rows = [r for r in group if r["shape"]["data"] == data]
+        prompts = list(dict.fromkeys(r["prompt"] for r in rows))
+        cell = {(r["prompt"], r["keep"]): r for r in rows}
+        keeps = sorted({r["keep"] for r in rows}, reverse=True)
+        first = rows[0]
+        lines += [f"{first['shape']['model']} on {data}, {first['shape']['questions']} questions "
+                  "naming an object in the scene: share of questions whose relevance top-keep "
+                  "holds a patch of the named object (in brackets: share of the top-keep on it; "
+                  "AUC: chance that a named-object patch outranks a background patch)", "",
+                  "| kept tokens | " + " | ".join(prompts) + " | random picks | "
+                  "message - all (paired) |", "|---" * (len(prompts) + 3) + "|"]
+        for keep in keeps:
+            cells = [f"{cell[p, keep]['covered'] * 100:.1f} ({cell[p, keep]['on_named'] * 100:.1f})"
+                     for p in prompts]
+            random = f"{cell[prompts[0], keep]['random_covered'] * 100:.1f}"
+            paired = (paired_cell(cell["message", keep]["hits"], cell["all", keep]["hits"])
+                      if {"message", "all"} <= set(prompts) else "")
+            lines.append(f"| {keep:g} | " + " | ".join(cells) + f" | {random} | {paired} |")
+        lines.append("| AUC | " + " | ".join(f"{cell[p, keeps[0]]['auc']:.3f}" for p in prompts)
+                     + " | 0.500 | |")
+        lines.append("")
     return lines
 
 

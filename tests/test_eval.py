@@ -100,6 +100,18 @@ def test_eval_runs_every_method_and_budget(tmp_path, capsys):
         assert method in out
 
 
+
+def test_eval_budgets_are_token_counts_or_shares(tmp_path, capsys):
+    """``--budgets 64`` keeps 64 tokens per image (as ``prune(keep=64)``), the same as the share
+    0.25 of 256; a count above the image's tokens keeps it whole."""
+    rows, out = eval_rows(tmp_path, capsys, "--questions", "2", "--methods", "uniform",
+                          "--budgets", "64", "0.25", "300")
+    by_budget = {r["shape"]["budget"]: r for r in rows[1:]}
+    assert {b: r["keep"] for b, r in by_budget.items()} == {64: 64, 0.25: 64, 300: 256}
+    assert by_budget[64]["right"] == by_budget[0.25]["right"]  # same tokens, same answers
+    assert by_budget[300]["right"] == rows[0]["right"]
+    assert "64 tokens" in out and "25% (64 tokens)" in out and "6400%" not in out
+
 def write_jsonl(tmp_path, count):
     """The first ``count`` test-split questions as images and a JSONL file."""
     lines = []
@@ -152,7 +164,8 @@ def test_bad_dataset_lines_are_usage_errors_naming_the_line(tmp_path, capsys, li
     (["--budgets", "0"], "argument --budgets: must be a token count (an integer >= 1) or a "
                          "share of each image's tokens (a number in (0, 1]), got '0'"),
     (["--ratios", "2"], "argument --ratios: must be a number in [0, 1]"),
-    (["--split", "dev"], "--split split must be one of ['test', 'train', 'val']"),
+    (["--split", "dev"], "--split split must be one of ['cluttered', 'cluttered-train', "
+                          "'cluttered-val', 'test', 'train', 'val']"),
     (["--data", "/no/such.jsonl"], "argument --data: /no/such.jsonl does not exist"),
     (["--plot", "plot.svg"], "--plot plot.svg: give a .png file name"),
 ])

@@ -18,8 +18,8 @@ from family_checks import (Recorder, assert_batch_equals_samples,  # noqa: E402
 from zspaprune_ops import ZSPAPruneModel  # noqa: E402
 from zspaprune_ops.models.internvl import ZSPAPruneInternVL  # noqa: E402
 from zspaprune_ops.models.sequence import position_ids_from_mask  # noqa: E402
+from zspaprune_ops.processors import load_processor  # noqa: E402
 from zspaprune_ops.testing import tiny_internvl  # noqa: E402
-from zspaprune_ops.testing.processors import load_processor  # noqa: E402
 
 TEMPLATE = Path(__file__).parent / "data" / "chat_templates" / "internvl3.jinja"
 QUESTIONS = ("What is shown in the image?", "Where is the cat, left or right?")

@@ -9,7 +9,8 @@ import torch
 pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
 
-from zspaprune_ops.checkpoint import SAMPLE_IMAGE, load_processor  # noqa: E402
+from zspaprune_ops.checkpoint import SAMPLE_IMAGE  # noqa: E402
+from zspaprune_ops.processors import load_processor  # noqa: E402
 from zspaprune_ops.qwen_processor import QwenImageProcessor  # noqa: E402
 from zspaprune_ops.testing.tiny_qwen import IMAGE_PAD, build_tiny_qwen  # noqa: E402
 

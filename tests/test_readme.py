@@ -87,7 +87,7 @@ def run_block(code: str, checkpoint_dir) -> dict:
     if ("path/to/Qwen" in code and "AutoProcessor.from_pretrained" in code
             and not _torchvision_imports()):
         pytest.skip("transformers' Qwen processors need torchvision, which does not import here "
-                    "(docs/huggingface.md: Qwen on a CPU machine)")
+                    "(docs/huggingface.md: processors on a CPU machine)")
     code = PLACEHOLDER.sub(lambda m: repr(checkpoint_dir(m.group(2))), code)
     namespace = {"__name__": "__readme__"}
     exec(compile(code, "documentation snippet", "exec"), namespace)

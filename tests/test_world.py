@@ -1,12 +1,17 @@
 """The shapes world: deterministic scenes whose pixels and answers agree; the training script
 runs and saves a model that loads and answers."""
+from pathlib import Path
+
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 from zspaprune_ops.world import scenes  # noqa: E402
-from zspaprune_ops.world.model import WORDS, build_processor, chat_prompt  # noqa: E402
+from zspaprune_ops.world.model import (CHAT_TEMPLATE, WORDS, build_processor,  # noqa: E402
+                                        chat_prompt)
 
+REAL_LLAVA_TEMPLATE = (Path(__file__).parent / "data" / "chat_templates" / "llava_1_5.jinja"
+                       ).read_text()
 
 def test_samples_are_deterministic_and_splits_differ():
     first = scenes.sample("test", 3)
@@ -70,10 +75,14 @@ def test_training_script_runs_a_few_steps_and_saves_a_loadable_model(tmp_path, c
     from zspaprune_ops.checkpoint import load
     from zspaprune_ops.world import train
 
-    train.main(["--vision-steps", "1", "--steps", "2", "--batch", "2", "--turns", "3",
-                "--log-every", "1", "--out", str(tmp_path)])  # a vision step, then two full ones
+    train.main(["--vision-steps", "1", "--text-steps", "1", "--align-steps", "1", "--steps", "2",
+                "--batch", "2", "--turns", "3", "--log-every", "1", "--threads", "1",
+                "--out", str(tmp_path)])  # a step of each stage, two of instruction tuning
     out = capsys.readouterr().out
-    assert "vision step 1/1 loss" in out and "step 2/2 loss" in out
+    for line in ("vision step 1/1 loss patch", "text step 1/1 loss text",
+                 "align step 1/1 loss caption", "\nstep 2/2 loss answer",
+                 "after align steps: object patches whose nearest word embedding"):
+        assert line in out, out
     assert f"saved to {tmp_path}" in out
     model, processor = load(str(tmp_path), torch.device("cpu"), torch.float32)
     assert model.config.image_seq_length == 256
@@ -83,6 +92,71 @@ def test_training_script_runs_a_few_steps_and_saves_a_loadable_model(tmp_path, c
     batch = processor(images=[scenes.sample("val", 0).image], return_tensors="pt",
                       text=[chat_prompt(scenes.sample("val", 0).question)])
     assert model.generate(**batch, max_new_tokens=2, do_sample=False).shape[0] == 1
+    assert processor.chat_template == REAL_LLAVA_TEMPLATE  # prompt="message" finds the question
+
+
+def test_the_world_template_is_llava_1_5s_and_renders_chat_prompt():
+    processor = build_processor()
+    assert CHAT_TEMPLATE == REAL_LLAVA_TEMPLATE
+    conversation = [{"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": "Is there a cross?"}]}]
+    assert processor.apply_chat_template(conversation, add_generation_prompt=True) == (
+        chat_prompt("Is there a cross?"))
+
+
+def test_cluttered_scenes_are_busier_and_every_question_names_one_object():
+    sizes, counts = [], []
+    for index in range(60):
+        s = scenes.sample("cluttered", index)
+        counts.append(len(s.things))
+        sizes += [t.box[2] - t.box[0] for t in s.things]
+        assert len({t.colour for t in s.things}) == len(s.things)
+        named = s.question.rstrip("?").split()[-1]
+        matches = [t for t in s.things if named in (t.shape, t.colour)]
+        assert s.kind in ("color", "shape") and len(matches) == 1, s.question
+        assert s.answer == (matches[0].colour if s.kind == "color" else matches[0].shape)
+        colours = scenes.patch_labels(s.things)[1]
+        patches = scenes.named_patches(s.things, s.question, colours)
+        assert 0 < sum(patches) <= 16  # at most 44 px: within 4x4 patches
+    assert set(counts) == {4, 5} and 30 <= min(sizes) and max(sizes) <= 44
+    assert any(len({t.shape for t in scenes.sample("cluttered", i).things}) < 4
+               for i in range(10))  # shapes repeat
+    assert scenes.sample("cluttered", 0).image.tobytes() != scenes.sample(12, 0).image.tobytes()
+    for _, question, _ in scenes.all_questions(scenes.sample("cluttered", 1).things):
+        word = question.rstrip("?").split()[-1]
+        if question.startswith("What color"):  # only about a shape the scene holds once
+            assert sum(t.shape == word for t in scenes.sample("cluttered", 1).things) == 1
+
+
+def test_captions_list_the_objects_in_reading_order():
+    s = scenes.sample("test", 0)
+    words = scenes.caption(s.things).split()
+    assert len(words) == 3 * len(s.things) and words[::3] == ["a"] * len(s.things)
+    ordered = sorted(s.things, key=lambda t: (t.box[1] // scenes.PATCH_SIZE, t.box[0]))
+    assert words[1::3] == [t.colour for t in ordered] and words[2::3] == [t.shape for t in ordered]
+
+
+def test_text_and_caption_stages_label_every_assistant_token():
+    from zspaprune_ops.world import train
+
+    processor = build_processor()
+    batch = scenes.samples("train", 2)
+    texts = [train.text_conversation(s, 3, f"t/{i}") for i, s in enumerate(batch)]
+    inputs = train.batch_inputs(processor, batch, texts=texts)
+    assert "pixel_values" not in inputs
+    tokens = processor.tokenizer.convert_ids_to_tokens
+    for i, (sample, text, labels) in enumerate(zip(batch, texts, inputs["labels"])):
+        caption = scenes.caption(sample.things).split()
+        answers = [a for _, a in train.dialogue(sample, 3, f"t/{i}")]
+        expected = [*caption, "</s>", *[w for a in answers for w in (a, "</s>")]]
+        assert tokens(labels[labels != -100].tolist()) == expected
+        assert text.startswith(f"USER: {' '.join(caption)}\n ASSISTANT: ")
+    inputs = train.batch_inputs(processor, batch, texts=[train.caption_conversation(s)
+                                                         for s in batch])
+    assert inputs["pixel_values"].shape[0] == 2
+    for sample, labels in zip(batch, inputs["labels"]):
+        assert tokens(labels[labels != -100].tolist()) == [
+            *scenes.caption(sample.things).split(), "</s>"]
 
 
 def test_training_labels_are_every_answer_and_end_of_turn():
@@ -165,3 +239,24 @@ def test_patch_heads_learn_shapes_from_object_means():
     with torch.no_grad():
         heads.object_shape.weight[:, 1:5] = torch.eye(4)[[1, 2, 3, 0]]  # every object's shape wrong
     assert heads.loss(features.flatten(0, 1), batch) > 10
+
+
+def test_prompt_message_is_the_question_in_the_world_prompt():
+    """The world's tokenizer decodes a prompt as the template wrote it, so ``prompt="message"``
+    finds exactly the question's tokens (not USER, ASSISTANT or the colons)."""
+    from zspaprune_ops.checkpoint import prompt_text
+    from zspaprune_ops.prompt import ChatLayout, prompt_positions
+
+    processor = build_processor()
+    tokenizer = processor.tokenizer
+    image = tokenizer.convert_tokens_to_ids("<image>")
+    layout = ChatLayout.of(processor)
+    for index in range(6):
+        question = scenes.sample("cluttered" if index % 2 else "test", index).question
+        ids = processor(images=scenes.sample("test", 0).image, text=prompt_text(
+            processor, question), return_tensors="pt")["input_ids"][0].tolist()
+        assert ids.count(image) == 256
+        (positions,) = prompt_positions(ids, [ids.index(image)], [image], layout, "message")
+        assert [ids[p] for p in positions] == tokenizer(question)["input_ids"]
+        (everything,) = prompt_positions(ids, [ids.index(image)], [image], layout, "all")
+        assert len(everything) == len(positions) + 4  # USER : ... ASSISTANT :

@@ -22,37 +22,19 @@ def load(model_path: Optional[str], device: torch.device, dtype: torch.dtype):
     """(model, processor): ``model_path``'s, or the shipped shapes-world model for None.
 
     The model is the plain Hugging Face model (any family ``ZSPAPruneModel`` supports), in eval
-    mode on ``device`` in ``dtype``; wrap it with ``zspaprune_ops.prune``.
+    mode on ``device`` in ``dtype``; wrap it with ``zspaprune_ops.prune``. The processor is
+    ``zspaprune_ops.processors.load_processor``'s: it loads without torchvision.
     """
     from transformers.utils import logging
 
     from zspaprune_ops.models import ZSPAPruneModel
+    from zspaprune_ops.processors import load_processor
     from zspaprune_ops.world.model import SHIPPED_MODEL
 
     logging.disable_progress_bar()  # the commands print tables; loading bars would garble them
     path = str(SHIPPED_MODEL if model_path is None else model_path)
     wrapped = ZSPAPruneModel.from_pretrained(path, dtype=dtype)
     return wrapped.model.to(device).eval(), load_processor(path)
-
-
-QWEN_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")
-
-
-def load_processor(path):
-    """``AutoProcessor.from_pretrained(path)``; for a Qwen2.5-VL / Qwen3-VL checkpoint where
-    torchvision is not installed (transformers' Qwen processors need it), a
-    ``zspaprune_ops.qwen_processor.QwenImageProcessor`` (images and text, no videos)."""
-    from transformers import AutoConfig, AutoProcessor
-
-    try:
-        return AutoProcessor.from_pretrained(path)
-    except ImportError as error:
-        if "torchvision" not in str(error).lower() or (
-                AutoConfig.from_pretrained(path).model_type not in QWEN_MODEL_TYPES):
-            raise
-    from zspaprune_ops.qwen_processor import QwenImageProcessor
-
-    return QwenImageProcessor.from_pretrained(path)
 
 
 def load_model(model_path: Optional[str], device: torch.device, dtype: torch.dtype):

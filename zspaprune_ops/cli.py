@@ -227,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "line, image paths relative to the file (default: shapes-world "
                          "questions of --split)")
     ev.add_argument("--split", default="test",
-                    help="shapes-world split: train, val, test or an integer seed "
-                         "(default: %(default)s)")
+                    help="shapes-world split: train, val, test, cluttered (more and smaller "
+                         "objects, each question about one), cluttered-train, cluttered-val "
+                         "or an integer seed (default: %(default)s)")
     ev.add_argument("--questions", type=positive_int,
                     help="questions to ask: the first N of --data (default: all) or N of the "
                          "shapes world (default: 200)")

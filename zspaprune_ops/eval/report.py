@@ -1,6 +1,6 @@
 """The table and the plot of ``zspaprune eval``'s rows (``run.rows``)."""
 import math
-from typing import List
+from typing import List, Tuple
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -15,7 +15,7 @@ def table(rows: List[dict], markdown: bool = False) -> str:
     budgets = list(dict.fromkeys(r["shape"]["budget"] for r in rows[1:]))
     keeps = {r["shape"]["budget"]: r["keep"] for r in rows[1:]}
     cell = {(r["method"], r["shape"]["budget"]): r for r in rows[1:]}
-    grid = [["method", *(f"{b:.0%} ({keeps[b]:g} tokens)" for b in budgets)]]
+    grid = [["method", *(budget_label(b, keeps[b]) for b in budgets)]]
     for method in dict.fromkeys(r["method"] for r in rows[1:]):
         grid.append([method, *(_percent(cell[method, b]) for b in budgets)])
     if markdown:
@@ -32,6 +32,50 @@ def table(rows: List[dict], markdown: bool = False) -> str:
                   f"({unpruned['keep']:g} tokens): {unpruned['accuracy']:.1%} "
                   f"[{low:.1%}, {high:.1%}] (95% Wilson interval)."]
     return "\n".join(lines)
+
+
+def paired_difference(first: str, second: str, z: float = 1.96) -> Tuple[float, float, int, int]:
+    """Two methods' per-question outcomes (``"0"``/``"1"`` strings, one character a question, the
+    same questions in order): (mean of first - second, half-width of its normal 95% interval,
+    questions only the first got right, only the second)."""
+    if len(first) != len(second) or not first:
+        raise ValueError(f"paired outcomes must be non-empty and of one length, got "
+                         f"{len(first)} and {len(second)}")
+    diffs = [int(a) - int(b) for a, b in zip(first, second)]
+    n, mean = len(diffs), sum(diffs) / len(diffs)
+    variance = sum((d - mean) ** 2 for d in diffs) / max(1, n - 1)
+    return mean, z * math.sqrt(variance / n), diffs.count(1), diffs.count(-1)
+
+
+def paired_cell(first: str, second: str) -> str:
+    """``+2.4 ± 3.1 (30/18)``: ``paired_difference`` in points, the discordant counts."""
+    mean, half, only_first, only_second = paired_difference(first, second)
+    return f"{mean * 100:+.1f} ± {half * 100:.1f} ({only_first}/{only_second})"
+
+
+def paired_table(rows: List[dict], baseline: str = "ratio 0 (DivPrune)") -> str:
+    """Markdown: per budget, each method's accuracy minus ``baseline``'s on the same questions,
+    in points, with a 95% interval and (questions only the method got right / only the
+    baseline); empty where ``baseline`` was not run."""
+    cell = {(r["method"], r["shape"]["budget"]): r for r in rows[1:]}
+    budgets = list(dict.fromkeys(r["shape"]["budget"] for r in rows[1:]))
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows[1:]) if m != baseline]
+    if not any(m == baseline for m, _ in cell) or not methods:
+        return ""
+    lines = ["| kept tokens | " + " | ".join(f"{m} - {baseline}" for m in methods) + " |",
+             "|---" * (len(methods) + 1) + "|"]
+    for b in budgets:
+        base = cell[baseline, b]
+        cells = [paired_cell(cell[m, b]["right"], base["right"]) for m in methods]
+        lines.append(f"| {budget_label(b, base['keep'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def budget_label(budget, keep: float) -> str:
+    """A budget column's title: ``50% (128 tokens)`` for a share, ``64 tokens`` for a count."""
+    if isinstance(budget, int):
+        return f"{keep:g} tokens"
+    return f"{budget:.0%} ({keep:g} tokens)"
 
 
 def _percent(row: dict) -> str:

@@ -2,16 +2,18 @@
 
 Every question is asked once unpruned and once per (method, budget), greedy decoding. An answer
 is correct when, normalized (``data.normalize``), it equals one of the question's normalized
-answers; it agrees when it equals the unpruned model's normalized answer. A budget is a fraction
-of each image's visual tokens: ``keep = max(1, round(fraction * N))``; a budget at or above N
-keeps the image whole (the unpruned answer).
+answers; it agrees when it equals the unpruned model's normalized answer. A budget is what
+``zspaprune_ops.prune(keep=...)`` takes (``choice.Budget``): an int is a token count per image, a
+float in (0, 1] a share of each image's N visual tokens; a budget of N or more tokens keeps
+the image whole (the unpruned answer).
 """
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from zspaprune_ops.choice import Budget
 from zspaprune_ops.eval.data import Question, normalize
 from zspaprune_ops.eval.methods import Method
 
@@ -47,15 +49,15 @@ def wilson_interval(successes: int, trials: int, z: float = 1.96) -> Tuple[float
 
 
 def evaluate(model, processor, questions: Sequence[Question], methods: Sequence[Method],
-             fractions: Sequence[float], max_new_tokens: int, device: torch.device,
+             budgets: Sequence[Union[int, float]], max_new_tokens: int, device: torch.device,
              seed: int = 0, progress: Optional[Callable[[int], None]] = None):
-    """Ask every question unpruned and per (method, fraction). Returns (tallies, unpruned
-    tally): tallies maps (method, fraction) to a ``Tally``."""
+    """Ask every question unpruned and per (method, budget). Returns (tallies, unpruned
+    tally): tallies maps (method, budget) to a ``Tally``."""
     from zspaprune_ops.checkpoint import prompt_text
 
     generator = torch.Generator().manual_seed(seed)
     dtype = model.get_input_embeddings().weight.dtype
-    tallies: Dict[tuple, Tally] = {(m, f): Tally() for m in methods for f in fractions}
+    tallies: Dict[tuple, Tally] = {(m, b): Tally() for m in methods for b in budgets}
     unpruned_tally, wrappers = Tally(), {}
     decode = processor.tokenizer.decode
     for index, question in enumerate(questions):
@@ -72,10 +74,10 @@ def evaluate(model, processor, questions: Sequence[Question], methods: Sequence[
         truths = tuple(normalize(a) for a in question.answers)
         unpruned_tally.add(unpruned, truths, unpruned, n_image)
         for method in methods:
-            for fraction in fractions:
-                keep = max(1, round(fraction * n_image))
+            for budget in budgets:
+                keep = Budget(budget).count(n_image)
                 if keep >= n_image:
-                    tallies[method, fraction].add(unpruned, truths, unpruned, n_image)
+                    tallies[method, budget].add(unpruned, truths, unpruned, n_image)
                     continue
                 key = (method, keep)
                 if key not in wrappers:
@@ -83,7 +85,7 @@ def evaluate(model, processor, questions: Sequence[Question], methods: Sequence[
                 with torch.inference_mode():
                     answer = decode(wrappers[key].generate(**inputs, **options)[0, length:],
                                     skip_special_tokens=True)
-                tallies[method, fraction].add(normalize(answer), truths, unpruned, keep)
+                tallies[method, budget].add(normalize(answer), truths, unpruned, keep)
         if progress is not None:
             progress(index + 1)
     return tallies, unpruned_tally
@@ -91,18 +93,18 @@ def evaluate(model, processor, questions: Sequence[Question], methods: Sequence[
 
 def rows(tallies: dict, unpruned: Tally, model_name: str, data_name: str) -> List[dict]:
     """JSON rows (``bench/results.py``'s format, ``"bench": "accuracy"``): the unpruned model
-    first, then one per (method, fraction)."""
+    first, then one per (method, budget)."""
     shape = {"model": model_name, "data": data_name, "questions": unpruned.asked,
              "N": _mean(unpruned.kept)}
     out = [_row(shape, "unpruned", None, 1.0, unpruned)]
-    for (method, fraction), tally in tallies.items():
-        out.append(_row(shape, method.name, method, fraction, tally))
+    for (method, budget), tally in tallies.items():
+        out.append(_row(shape, method.name, method, budget, tally))
     return out
 
 
-def _row(shape: dict, impl: str, method: Optional[Method], fraction: float, tally: Tally):
+def _row(shape: dict, impl: str, method: Optional[Method], budget, tally: Tally):
     low, high = wilson_interval(tally.correct, tally.asked)
-    return {"bench": "accuracy", "shape": {**shape, "budget": round(fraction, 4)},
+    return {"bench": "accuracy", "shape": {**shape, "budget": round(budget, 4)},
             "impl": impl, "ratio": method.ratio if method else None,
             "method": method.label if method else "unpruned", "keep": _mean(tally.kept),
             "accuracy": tally.correct / max(1, tally.asked), "correct": tally.correct,
@@ -152,13 +154,13 @@ def main(args) -> List[dict]:
     methods = [Method("zspaprune", r) for r in dict.fromkeys(args.ratios)
                if "zspaprune" in args.methods]
     methods += [Method(name) for name in dict.fromkeys(args.methods) if name != "zspaprune"]
-    fractions = list(dict.fromkeys(args.budgets))
+    budgets = list(dict.fromkeys(args.budgets))
 
     def progress(done):
         if done % 25 == 0 or done == len(questions):
             print(f"  {done}/{len(questions)} questions", file=sys.stderr, flush=True)
 
-    tallies, unpruned = evaluate(model, processor, questions, methods, fractions,
+    tallies, unpruned = evaluate(model, processor, questions, methods, budgets,
                                  args.max_new_tokens, device, args.seed, progress)
     model_name = "shapes-world LLaVA (shipped)" if args.model is None else Path(args.model).name
     env = environment(device)

@@ -5,8 +5,8 @@ small InternViT, the language model a small Qwen2, the tokenizer a byte-level BP
 with InternVL's special tokens (``<img>``, ``</img>``, ``<IMG_CONTEXT>``) and the InternVL -hf
 checkpoints' chat template, the image processor the PIL-based
 ``GotOcr2ImageProcessorPil`` (dynamic tiles plus a thumbnail). The processor is transformers'
-``InternVLProcessor`` without its video processor (``processors.without_video``: it needs
-torchvision). Weights are re-drawn as in ``common.redraw_weights``.
+``InternVLProcessor`` without its video processor (``zspaprune_ops.processors.without_video``:
+it needs torchvision). Weights are re-drawn as in ``common.redraw_weights``.
 """
 import os
 from typing import Optional
@@ -22,7 +22,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
                       "pip install zspaprune[hf]") from error
 
 from zspaprune_ops.testing.common import instantiate, sizes_for, train_bpe
-from zspaprune_ops.testing.processors import save_processor, without_video
+from zspaprune_ops.processors import without_video
+from zspaprune_ops.testing.processors import save_processor
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>",
                   "<IMG_CONTEXT>", "<video>")
@@ -106,7 +107,8 @@ def build_tokenizer(vocab_size: int = TINY_SIZES["vocab_size"]):
 
 def build_processor(config, max_tiles: int = TINY_SIZES["max_tiles"]):
     """An ``InternVLProcessor`` for ``config`` (PIL image processor with up to ``max_tiles``
-    tiles, no video processor: ``processors.without_video``), with ``CHAT_TEMPLATE``."""
+    tiles, no video processor: ``zspaprune_ops.processors.without_video``), with
+    ``CHAT_TEMPLATE``."""
     side = config.vision_config.image_size[0]
     images = GotOcr2ImageProcessorPil(size={"height": side, "width": side},
                                       crop_to_patches=True, min_patches=1,
@@ -119,8 +121,9 @@ def build_processor(config, max_tiles: int = TINY_SIZES["max_tiles"]):
 
 def build_tiny_internvl(folder, seed: int = 0, **sizes) -> str:
     """Build a tiny model and its processor; save both into ``folder``. They load back offline:
-    ``AutoModelForImageTextToText.from_pretrained(folder)``, ``processors.load_processor(folder)``
-    (``AutoProcessor`` where torchvision imports). Returns ``folder``."""
+    ``AutoModelForImageTextToText.from_pretrained(folder)`` and
+    ``zspaprune_ops.processors.load_processor(folder)`` (``AutoProcessor`` where torchvision
+    imports). Returns ``folder``."""
     folder = os.fspath(folder)
     model = build_model(seed=seed, **sizes)
     model.save_pretrained(folder)

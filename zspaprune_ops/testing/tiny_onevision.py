@@ -25,7 +25,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
                       "pip install zspaprune[hf]") from error
 
 from zspaprune_ops.testing.common import instantiate, sizes_for, train_bpe
-from zspaprune_ops.testing.processors import save_processor, without_video
+from zspaprune_ops.processors import without_video
+from zspaprune_ops.testing.processors import save_processor
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
 PAD, IM_START, IM_END, IMAGE, VIDEO = range(len(SPECIAL_TOKENS))
@@ -108,7 +109,7 @@ def build_tokenizer(vocab_size: int = TINY_SIZES["vocab_size"]):
 
 def build_processor(config):
     """A ``LlavaOnevisionProcessor`` for ``config`` (PIL image processor, no video processor:
-    ``processors.without_video``), with ``CHAT_TEMPLATE``."""
+    ``zspaprune_ops.processors.without_video``), with ``CHAT_TEMPLATE``."""
     vision = config.vision_config
     images = LlavaOnevisionImageProcessorPil(
         size={"height": vision.image_size, "width": vision.image_size},
@@ -123,8 +124,9 @@ def build_processor(config):
 
 def build_tiny_onevision(folder, seed: int = 0, **sizes) -> str:
     """Build a tiny model and its processor; save both into ``folder``. They load back offline:
-    ``AutoModelForImageTextToText.from_pretrained(folder)``, ``processors.load_processor(folder)``
-    (``AutoProcessor`` where torchvision imports). Returns ``folder``."""
+    ``AutoModelForImageTextToText.from_pretrained(folder)`` and
+    ``zspaprune_ops.processors.load_processor(folder)`` (``AutoProcessor`` where torchvision
+    imports). Returns ``folder``."""
     folder = os.fspath(folder)
     model = build_model(seed=seed, **sizes)
     model.save_pretrained(folder)

@@ -20,14 +20,19 @@ WORDS = ("USER", "ASSISTANT", ":", "?", "What", "color", "is", "the", "Which", "
 
 
 def build_tokenizer():
-    """A word-level tokenizer over ``WORDS`` (splits on whitespace and punctuation)."""
+    """A word-level tokenizer over ``WORDS`` (splits on whitespace and punctuation; decodes
+    ``USER: What color is the circle? ASSISTANT:`` back as written, newlines as spaces)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {word: i for i, word in enumerate((*SPECIAL_TOKENS, *WORDS))}
     words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
-    words.decoder = decoders.WordPiece()  # joins words with spaces
+    # joins words with spaces but none before "?" or ":", so that a decoded prompt reads as the
+    # chat template wrote it ("USER: ... circle? ASSISTANT:") and prompt="message" finds the
+    # user's words in it
+    words.decoder = decoders.Sequence([decoders.WordPiece(cleanup=True),
+                                       decoders.Replace(" :", ":")])
     return PreTrainedTokenizerFast(
         tokenizer_object=words, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
@@ -53,6 +58,21 @@ def build_config():
                        vision_feature_layer=-1, vision_feature_select_strategy="default")
 
 
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': '}}{% endif %}{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+"""llava-hf/llava-1.5-7b-hf's chat template, verbatim (tests/data/chat_templates/llava_1_5.jinja):
+shipped with the model so that ``prompt="message"`` finds the user's words in its prompts."""
+
+
 def build_processor():
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -62,7 +82,7 @@ def build_processor():
                                    crop_size={"height": size, "width": size})
     return LlavaProcessor(image_processor=images, tokenizer=build_tokenizer(),
                           patch_size=scenes.PATCH_SIZE, vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1)
+                          num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
 
 
 def build_model(seed: int = 0):
@@ -76,5 +96,19 @@ def build_model(seed: int = 0):
 
 
 def chat_prompt(question: str) -> str:
-    """The world's prompt format (LLaVA-1.5's, which ``zspaprune demo`` also uses)."""
+    """The world's prompt format: LLaVA-1.5's, what ``CHAT_TEMPLATE`` renders for one user
+    message of an image and ``question`` and the generation prompt."""
     return f"USER: <image>\n{question} ASSISTANT:"
+
+
+def image_features(model, pixel_values):
+    """The projected visual tokens (the language model's input) of ``pixel_values`` [B, 3, H,
+    W]: [B * N, D], the model's dtype."""
+    import torch
+
+    features = model.model.get_image_features(
+        pixel_values=pixel_values, vision_feature_layer=model.config.vision_feature_layer,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        return_dict=True).pooler_output
+    features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+    return features.reshape(-1, features.shape[-1])

@@ -2,25 +2,35 @@
 single-word questions. Deterministic: ``sample(split, index)`` is the same picture and question
 on every machine.
 
-A scene is a 224x224 RGB image (16x16 patches of 14 px: 256 visual tokens) with 2 or 3 objects
-of distinct shapes (circle, square, triangle, cross) and distinct colours (red, green, blue,
-yellow, purple), each 48-76 px wide (4-5 patches), not overlapping, on a light background
-tinted and speckled at random, with 4-8 thin grey clutter strokes. Questions, one per sample,
-the three kinds equally often:
+A scene is a 224x224 RGB image (16x16 patches of 14 px: 256 visual tokens) on a light
+background tinted and speckled at random, with 4-8 thin grey clutter strokes. Two layouts:
 
-- ``What color is the <shape>?`` -> a colour (the shape is in the scene);
-- ``Which shape is <colour>?`` -> a shape (the colour is in the scene);
-- ``Is there a <shape>?`` -> ``yes`` / ``no`` (half each).
+- standard: 2 or 3 objects of distinct shapes (circle, square, triangle, cross) and distinct
+  colours (red, green, blue, yellow, purple), each 48-76 px wide (4-5 patches); questions of
+  three kinds equally often:
+
+  - ``What color is the <shape>?`` -> a colour (the shape is in the scene);
+  - ``Which shape is <colour>?`` -> a shape (the colour is in the scene);
+  - ``Is there a <shape>?`` -> ``yes`` / ``no`` (half each);
+
+- cluttered: 4 or 5 smaller objects, 30-44 px (2-3 patches), distinct colours, shapes drawn
+  with repeats; every question is about one object: ``What color is the <shape>?`` for a shape
+  the scene holds once, or ``Which shape is <colour>?``, half each (a colour question becomes
+  a shape question where no shape is alone). There prompt-awareness is
+  supposed to pay: the named object is a small part of a busy picture.
 
 Every answer is one word and one token of the world's tokenizer. Chance accuracy, answering
-at random among the words the question's kind allows: 1/5, 1/4 and 1/2, i.e. 0.32 on average.
-Splits differ by seed: ``train`` (seed 0), ``val`` (1), ``test`` (2); any other integer seed
-gives further fresh questions.
+at random among the words the question's kind allows: 1/5, 1/4 and 1/2, i.e. 0.32 on average
+(0.225 on the cluttered layout). Splits differ by seed: ``train`` (seed 0), ``val`` (1),
+``test`` (2) are standard; ``cluttered-train`` (10), ``cluttered-val`` (11) and ``cluttered``
+(12, the cluttered test split) are cluttered; any other integer seed gives further fresh
+standard questions.
 """
 import random
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 224
@@ -29,7 +39,10 @@ COLOURS: Dict[str, Tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
     "yellow": (235, 200, 30), "purple": (150, 60, 190)}
 SHAPES = ("circle", "square", "triangle", "cross")
-SPLITS = {"train": 0, "val": 1, "test": 2}
+SPLITS = {"train": 0, "val": 1, "test": 2, "cluttered-train": 10, "cluttered-val": 11,
+          "cluttered": 12}
+CLUTTERED = frozenset({"cluttered-train", "cluttered-val", "cluttered"})
+"""The splits of the cluttered layout."""
 KINDS = ("color", "shape", "exists")
 ANSWERS = {"color": tuple(COLOURS), "shape": SHAPES, "exists": ("yes", "no")}
 
@@ -61,12 +74,19 @@ def split_seed(split) -> int:
 
 def sample(split, index: int) -> Sample:
     """Sample ``index`` of ``split``: a scene and one question about it."""
-    rng = random.Random(f"shapes-world/{split_seed(split)}/{index}")
-    things = _place(rng)
+    seed = split_seed(split)
+    if split in CLUTTERED:
+        rng = random.Random(f"shapes-world/cluttered/{seed}/{index}")
+        things = _place(rng, rng.choice((4, 5)), (30, 44), repeat_shapes=True)
+    else:
+        rng = random.Random(f"shapes-world/{seed}/{index}")
+        things = _place(rng, rng.choice((2, 3)), (48, 76), repeat_shapes=False)
     image = _draw(rng, things)
-    kind = KINDS[rng.randrange(len(KINDS))]
+    kind = (KINDS[rng.randrange(2)] if split in CLUTTERED else KINDS[rng.randrange(len(KINDS))])
+    if kind == "color" and not _unique_shapes(things):
+        kind = "shape"  # every shape twice: "What color is the <shape>?" would be ambiguous
     if kind == "color":
-        thing = rng.choice(things)
+        thing = rng.choice(_unique_shapes(things))
         question, answer = f"What color is the {thing.shape}?", thing.colour
     elif kind == "shape":
         thing = rng.choice(things)
@@ -81,9 +101,10 @@ def sample(split, index: int) -> Sample:
 
 
 def all_questions(things) -> List[Tuple[str, str, str]]:
-    """Every question the world asks about a scene of ``things``: (kind, question, answer)."""
+    """Every question the world asks about a scene of ``things``: (kind, question, answer); a
+    colour question only for a shape the scene holds once."""
     present = {t.shape for t in things}
-    return ([("color", f"What color is the {t.shape}?", t.colour) for t in things]
+    return ([("color", f"What color is the {t.shape}?", t.colour) for t in _unique_shapes(things)]
             + [("shape", f"Which shape is {t.colour}?", t.shape) for t in things]
             + [("exists", f"Is there a {shape}?", "yes" if shape in present else "no")
                for shape in SHAPES])
@@ -96,41 +117,53 @@ def patch_labels(things, min_pixels: int = 20) -> Tuple[List[int], List[int]]:
     draw = ImageDraw.Draw(mask)
     for index, thing in enumerate(things):
         _draw_thing(draw, thing, fill=index + 1)
-    side, pixels = IMAGE_SIZE // PATCH_SIZE, mask.load()
-    shapes, colours = [], []
-    for row in range(side):
-        for col in range(side):
-            counts = [0] * (len(things) + 1)
-            for y in range(row * PATCH_SIZE, (row + 1) * PATCH_SIZE):
-                for x in range(col * PATCH_SIZE, (col + 1) * PATCH_SIZE):
-                    counts[pixels[x, y]] += 1
-            best = max(range(1, len(counts)), key=counts.__getitem__)
-            thing = things[best - 1] if counts[best] >= min_pixels else None
-            shapes.append(0 if thing is None else 1 + SHAPES.index(thing.shape))
-            colours.append(0 if thing is None else 1 + list(COLOURS).index(thing.colour))
+    side = IMAGE_SIZE // PATCH_SIZE
+    owner = np.asarray(mask).reshape(side, PATCH_SIZE, side, PATCH_SIZE).transpose(0, 2, 1, 3)
+    counts = np.stack([(owner == k).sum(axis=(2, 3)) for k in range(1, len(things) + 1)])
+    best = counts.argmax(0).reshape(-1)  # the first thing on ties, as before
+    covered = counts.max(0).reshape(-1) >= min_pixels
+    shapes = [1 + SHAPES.index(things[k].shape) if on else 0 for k, on in zip(best, covered)]
+    colours = [1 + list(COLOURS).index(things[k].colour) if on else 0
+               for k, on in zip(best, covered)]
     return shapes, colours
 
 
-def named_patches(things, question: str, shapes: List[int]) -> Optional[List[bool]]:
-    """Which patches (``patch_labels``' ``shapes``) show the thing ``question`` names by its
-    last word, a shape or a colour; None when no thing in ``things`` has that name."""
+def named_patches(things, question: str, colours: List[int]) -> Optional[List[bool]]:
+    """Which patches (``patch_labels``' ``colours``: a scene's colours are distinct) show the
+    things ``question`` names by its last word, a shape or a colour; None when no thing in
+    ``things`` has that name."""
     word = question.rstrip("?").split()[-1]
-    named = [t for t in things if word in (t.shape, t.colour)]
+    named = {1 + list(COLOURS).index(t.colour) for t in things if word in (t.shape, t.colour)}
     if not named:
         return None
-    return [label == 1 + SHAPES.index(named[0].shape) for label in shapes]
+    return [label in named for label in colours]
+
+
+def caption(things) -> str:
+    """The scene in words, objects in reading order (by the top, then the left of their box):
+    ``a red circle a blue square``. The feature-alignment stage of training (``train.py``)
+    teaches the projector to make the frozen language model say it."""
+    ordered = sorted(things, key=lambda t: (t.box[1] // PATCH_SIZE, t.box[0]))
+    return " ".join(f"a {t.colour} {t.shape}" for t in ordered)
+
+
+def _unique_shapes(things) -> List[Thing]:
+    shapes = [t.shape for t in things]
+    return [t for t in things if shapes.count(t.shape) == 1]
 
 
 def samples(split, count: int, start: int = 0) -> List[Sample]:
     return [sample(split, i) for i in range(start, start + count)]
 
 
-def _place(rng: random.Random) -> List[Thing]:
-    shapes = rng.sample(SHAPES, rng.choice((2, 3)))
+def _place(rng: random.Random, count: int, sizes: Tuple[int, int],
+           repeat_shapes: bool) -> List[Thing]:
+    shapes = ([rng.choice(SHAPES) for _ in range(count)] if repeat_shapes
+              else rng.sample(SHAPES, count))
     colours = rng.sample(list(COLOURS), len(shapes))
     things: List[Thing] = []
     while len(things) < len(shapes):
-        size = rng.randint(48, 76)
+        size = rng.randint(*sizes)
         left, top = rng.randint(4, IMAGE_SIZE - size - 4), rng.randint(4, IMAGE_SIZE - size - 4)
         box = (left, top, left + size, top + size)
         if all(_apart(box, other.box) for other in things):

@@ -1,30 +1,43 @@
 """Train the shapes world's LLaVA: ``python -m zspaprune_ops.world.train``.
 
-Two stages, AdamW, each with a linear warm-up then cosine decay. Stage 1 trains the vision
-tower and projector alone on training-only patch heads (``PatchHeads``): a from-scratch tower
-learns colours in a few dozen steps but shapes only after a few hundred, and until it sees
-shapes the language model can only learn the answer prior. Stage 2 trains every weight on
-cross-entropy of the answer tokens and their ``</s>``, plus the patch heads, plus a grounding
-loss (``grounding_loss``) that points one attention head of the last layer at the object the
-question names: in 300-step trials without it the two-layer language model stayed at guessing
-from the bag of colours and shapes in the scene. Each step draws the next fresh batch of the
-train split, so no scene repeats; each scene is a multi-turn conversation of its own question
-and ``--turns - 1`` other questions about it. Seeded (weights, data; reproducing the shipped
-weights bit for bit was not checked); the shipped model was trained with the defaults below
-under ``torch.set_num_threads(1)`` in 28.5 min on a 2-core CPU shared with other work (stage
-1: 6.2 min, stage 2: 22.3 min). Saves fp16 weights, tokenizer and processor with
-``save_pretrained``; the heads are not saved.
+Four stages, LLaVA's recipe on a from-scratch model, AdamW, each stage with a linear warm-up
+then cosine decay, each step on the next fresh scenes (a ``--cluttered-share`` of each batch
+from the cluttered layout's train split, the rest standard), so no scene repeats:
+
+1. vision (``--vision-steps``): the vision tower and projector alone on training-only patch
+   heads (``PatchHeads``), standing in for a pretrained CLIP: a from-scratch tower learns
+   colours in a few dozen steps but shapes only after a few hundred;
+2. text (``--text-steps``): the language model alone, on text: the scene in words
+   (``scenes.caption``) where the image will be, then a turn repeating the caption and the
+   questions about the scene (``text_conversation``), standing in for a pretrained LLM that
+   knows the world's words;
+3. feature alignment (``--align-steps``): the projector alone (tower and language model frozen)
+   on captions of the scenes, ``USER: <image>\n ASSISTANT: a red circle a blue square</s>``,
+   LLaVA's stage 1: it teaches the projector to map images where the language model reads them
+   like the words of their caption;
+4. instruction tuning (``--steps``): every weight, on the answers of a multi-turn conversation
+   per scene, plus the patch heads, plus a grounding loss (``grounding_loss``) that points one
+   attention head of the last layer at the object the question names: in 300-step trials
+   without it the two-layer language model stayed at guessing from the bag of colours and
+   shapes in the scene.
+
+Seeded (weights, data; reproducing the shipped weights bit for bit was not checked); the time
+the shipped model took is in docs/eval.md. Saves fp16 weights, tokenizer and processor (with
+LLaVA-1.5's chat template) with ``save_pretrained``; the heads are not saved.
 """
 import argparse
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from zspaprune_ops.world import scenes
-from zspaprune_ops.world.model import SHIPPED_MODEL, build_model, build_processor, chat_prompt
+from zspaprune_ops.world.alignment import word_alignment
+from zspaprune_ops.world.model import (SHIPPED_MODEL, build_model, build_processor, chat_prompt,
+                                        image_features)
 
 
 def dialogue(sample: scenes.Sample, turns: int, seed: str):
@@ -53,31 +66,57 @@ def grounding_loss(attention: torch.Tensor, inputs: dict, batch, turns: int, see
     labels = inputs["labels"]
     losses = []
     for b, sample in enumerate(batch):
-        shapes = scenes.patch_labels(sample.things)[0]
+        colours = scenes.patch_labels(sample.things)[1]
         visual = (inputs["input_ids"][b] == image_token_id).nonzero().squeeze(1)
         answers = ((labels[b] != -100) & (labels[b] != eos_token_id)).nonzero().squeeze(1)
         for position, (question, _) in zip(answers - 1, dialogue(sample, turns, f"{seed}/{b}")):
-            named = scenes.named_patches(sample.things, question, shapes)
+            named = scenes.named_patches(sample.things, question, colours)
             if named is not None:
                 target = visual[torch.tensor(named)]
                 losses.append(-torch.log(attention[b, 0, position, target].sum() + 1e-6))
     return torch.stack(losses).mean() if losses else attention.new_zeros(())
 
 
-def batch_inputs(processor, batch, turns: int = 1, seed: str = "") -> dict:
-    """Processor inputs for world samples (right-padded) with ``labels``: every answer token
-    and ``</s>`` of ``conversation(...)``, everything else -100."""
+def text_conversation(sample: scenes.Sample, turns: int, seed: str) -> str:
+    """The text stage's version of ``sample``: its caption in place of the image, a turn that
+    repeats the caption, then ``dialogue(...)``."""
+    caption = scenes.caption(sample.things)
+    text = f"USER: {caption}\n ASSISTANT: {caption}</s>"
+    return text + "".join(f"USER: {q} ASSISTANT: {a}</s>"
+                          for q, a in dialogue(sample, turns, seed))
+
+
+def caption_conversation(sample: scenes.Sample) -> str:
+    """The feature-alignment stage's text of ``sample``: the image, then its caption."""
+    return f"USER: <image>\n ASSISTANT: {scenes.caption(sample.things)}</s>"
+
+
+def batch_inputs(processor, batch, turns: int = 1, seed: str = "", texts=None) -> dict:
+    """Processor inputs for world samples (right-padded) with ``labels``: every assistant token
+    (after ``ASSISTANT:``, up to and with its ``</s>``) of ``texts`` (default:
+    ``conversation(...)`` of each sample), everything else -100. No images where ``texts``
+    hold no ``<image>``."""
     tokenizer = processor.tokenizer
-    texts = [conversation(s, turns, f"{seed}/{i}") for i, s in enumerate(batch)]
-    inputs = processor(images=[s.image for s in batch], text=texts, return_tensors="pt",
-                       padding=True)
-    ids = inputs["input_ids"]
-    colon, assistant = tokenizer.convert_tokens_to_ids([":", "ASSISTANT"])
-    answer = torch.zeros_like(ids, dtype=torch.bool)
-    answer[:, 2:] = (ids[:, 1:-1] == colon) & (ids[:, :-2] == assistant)
-    answer |= ids == tokenizer.eos_token_id
-    inputs["labels"] = ids.masked_fill(~answer, -100)
+    if texts is None:
+        texts = [conversation(s, turns, f"{seed}/{i}") for i, s in enumerate(batch)]
+    if "<image>" in texts[0]:
+        inputs = processor(images=[s.image for s in batch], text=texts, return_tensors="pt",
+                           padding=True)
+    else:
+        inputs = dict(tokenizer(texts, return_tensors="pt", padding=True))
+    inputs["labels"] = assistant_labels(inputs["input_ids"], tokenizer)
     return inputs
+
+
+def assistant_labels(ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """``ids`` [B, T] with every token outside the assistant's turns set to -100: a turn starts
+    after ``ASSISTANT :`` and ends with (and includes) ``</s>``."""
+    colon, assistant = tokenizer.convert_tokens_to_ids([":", "ASSISTANT"])
+    starts = torch.zeros_like(ids)
+    starts[:, 2:] = ((ids[:, 1:-1] == colon) & (ids[:, :-2] == assistant)).long()
+    ends = (ids == tokenizer.eos_token_id).long()
+    inside = starts.cumsum(1) > ends.cumsum(1) - ends  # started more turns than ended before
+    return ids.masked_fill(~inside, -100)
 
 
 def answer_accuracy(model, processor, batch) -> float:
@@ -127,59 +166,90 @@ class PatchHeads(torch.nn.Module):
                                      object_shapes[present] - 1)
 
 
-def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The projected visual tokens of ``pixel_values``: [B * N, D]."""
-    features = model.model.get_image_features(
-        pixel_values=pixel_values, vision_feature_layer=model.config.vision_feature_layer,
-        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        return_dict=True).pooler_output
-    features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
-    return features.reshape(-1, features.shape[-1])
+@dataclass(frozen=True)
+class Recipe:
+    """Steps per stage (see the module docstring) and the shared settings."""
+
+    vision_steps: int = 300
+    text_steps: int = 100
+    align_steps: int = 150
+    steps: int = 350
+    batch_size: int = 16
+    lr: float = 2e-3
+    seed: int = 0
+    turns: int = 8
+    patch_weight: float = 1.0
+    grounding_weight: float = 1.0
+    cluttered_share: float = 0.25
 
 
-def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, turns: int,
-          patch_weight: float, grounding_weight: float, vision_steps: int = 0,
-          log_every: int = 50):
-    """Stage 1 (``vision_steps``): the vision tower and projector alone on the patch heads'
-    loss, so that the tower sees shapes before the language model learns to read them. Stage 2
-    (``steps``): every weight, on the answer loss plus ``patch_weight`` times the patch loss
-    plus ``grounding_weight`` times ``grounding_loss`` of the last layer. Each stage has its own
-    warm-up and cosine decay; every step draws the next ``batch_size`` scenes of the train
-    split."""
+class Scenes:
+    """The training scenes, drawn in order: each batch ``round(share * size)`` of the
+    cluttered train split, the rest of the standard one."""
+
+    def __init__(self, share: float):
+        self.share, self.drawn = share, {"train": 0, "cluttered-train": 0}
+
+    def next(self, size: int):
+        counts = {"cluttered-train": round(self.share * size)}
+        counts["train"] = size - counts["cluttered-train"]
+        batch = []
+        for split, count in counts.items():
+            batch += scenes.samples(split, count, start=self.drawn[split])
+            self.drawn[split] += count
+        return batch
+
+
+def train(out: Path, recipe: Recipe = Recipe(), log_every: int = 50):
+    """Run the four stages of ``recipe``, save the model to ``out``; returns (model,
+    processor, seconds)."""
+    r = recipe
     processor = build_processor()
-    model = build_model(seed)
+    model = build_model(r.seed)
     model.train()
     model.set_attn_implementation("eager")  # the grounding loss reads attention probabilities
-    torch.manual_seed(seed)
+    torch.manual_seed(r.seed)
     heads = PatchHeads(model.config.text_config.hidden_size)
     projected = []  # the projector's output of the current step: [B * N, D]
     hook = model.model.multi_modal_projector.register_forward_hook(
         lambda module, args, output: projected.append(output))
-    vision = [*model.model.vision_tower.parameters(),
-              *model.model.multi_modal_projector.parameters(), *heads.parameters()]
-    stages = (("vision step", vision_steps, vision),
-              ("step", steps, [*model.parameters(), *heads.parameters()]))
+    tower = [*model.model.vision_tower.parameters()]
+    projector = [*model.model.multi_modal_projector.parameters()]
+    language = [*model.model.language_model.parameters(), *model.lm_head.parameters()]
+    stages = (("vision step", r.vision_steps, tower + projector + [*heads.parameters()]),
+              ("text step", r.text_steps, language),
+              ("align step", r.align_steps, projector),
+              ("step", r.steps, [*model.parameters(), *heads.parameters()]))
     ids = (model.config.image_token_id, processor.tokenizer.eos_token_id)
-    start, drawn = time.time(), 0
+    start, data = time.time(), Scenes(r.cluttered_share)
     for name, count, parameters in stages:
-        optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+        trained = {id(p) for p in parameters}
+        for p in [*model.parameters(), *heads.parameters()]:
+            p.requires_grad_(id(p) in trained)
+        optimizer = torch.optim.AdamW(parameters, lr=r.lr, weight_decay=0.01, betas=(0.9, 0.98))
         lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(count))
         running = []
         for step in range(count):
-            batch = scenes.samples("train", batch_size, start=drawn)
-            drawn += batch_size
+            batch = data.next(r.batch_size)
             projected.clear()
+            tag = f"{r.seed}/{name}/{step}"
             if name == "vision step":
                 pixels = processor.image_processor([s.image for s in batch],
                                                    return_tensors="pt")["pixel_values"]
                 losses = {"patch": heads.loss(image_features(model, pixels), batch)}
+            elif name == "text step":
+                texts = [text_conversation(s, r.turns, f"{tag}/{i}") for i, s in enumerate(batch)]
+                losses = {"text": model(**batch_inputs(processor, batch, texts=texts)).loss}
+            elif name == "align step":
+                texts = [caption_conversation(s) for s in batch]
+                losses = {"caption": model(**batch_inputs(processor, batch, texts=texts)).loss}
             else:
-                inputs = batch_inputs(processor, batch, turns, f"{seed}/{step}")
+                inputs = batch_inputs(processor, batch, r.turns, tag)
                 output = model(**inputs, output_attentions=True)
                 losses = {"answer": output.loss,
-                          "patch": patch_weight * heads.loss(projected[0], batch),
-                          "grounding": grounding_weight * grounding_loss(
-                              output.attentions[-1], inputs, batch, turns, f"{seed}/{step}", *ids)}
+                          "patch": r.patch_weight * heads.loss(projected[0], batch),
+                          "grounding": r.grounding_weight * grounding_loss(
+                              output.attentions[-1], inputs, batch, r.turns, tag, *ids)}
             optimizer.zero_grad(set_to_none=True)
             sum(losses.values()).backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -196,13 +266,27 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, turns: i
                     line += f" val accuracy {accuracy:.2f} (48 questions)"
                 print(f"{line} {time.time() - start:.0f} s", flush=True)
                 running = []
+        if count and name != "text step":
+            model.eval()
+            print(f"after {name}s: {_alignment_line(model, processor)}", flush=True)
+            model.train()
     hook.remove()
+    for p in model.parameters():
+        p.requires_grad_(True)
     model.eval()
     model.set_attn_implementation("sdpa")
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(out)
     processor.save_pretrained(out)
     return model.float(), processor, time.time() - start
+
+
+def _alignment_line(model, processor) -> str:
+    with torch.no_grad():
+        share, cosines = word_alignment(model, processor, scenes.samples("val", 16))
+    return (f"object patches whose nearest word embedding (cosine) is their colour or shape "
+            f"{share:.1%}; mean cosine to their colour word {cosines['colour']:.3f}, shape word "
+            f"{cosines['shape']:.3f}, other colour words {cosines['other colour']:.3f}")
 
 
 def _schedule(steps: int):
@@ -217,37 +301,50 @@ def _schedule(steps: int):
 
 
 def main(argv=None):
+    defaults = Recipe()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=SHIPPED_MODEL,
                         help="folder to save the model in (default: %(default)s)")
-    parser.add_argument("--vision-steps", type=int, default=800,
+    parser.add_argument("--vision-steps", type=int, default=defaults.vision_steps,
                         help="stage 1: steps training the vision tower and projector alone on "
                              "the patch heads (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=1000,
-                        help="stage 2: steps training every weight (default: %(default)s)")
-    parser.add_argument("--batch", type=int, default=16, help="(default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="(default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    parser.add_argument("--turns", type=int, default=8,
+    parser.add_argument("--text-steps", type=int, default=defaults.text_steps,
+                        help="stage 2: steps training the language model alone on text "
+                             "(default: %(default)s)")
+    parser.add_argument("--align-steps", type=int, default=defaults.align_steps,
+                        help="stage 3: steps training the projector alone on captions "
+                             "(default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=defaults.steps,
+                        help="stage 4: instruction-tuning steps training every weight "
+                             "(default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=defaults.batch_size,
+                        help="(default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="(default: %(default)s)")
+    parser.add_argument("--turns", type=int, default=defaults.turns,
                         help="questions per training image, as a multi-turn conversation "
                              "(default: %(default)s)")
-    parser.add_argument("--patch-weight", type=float, default=1.0,
-                        help="weight of the per-patch shape/colour loss, 0 for none "
+    parser.add_argument("--patch-weight", type=float, default=defaults.patch_weight,
+                        help="weight of the per-patch shape/colour loss in stage 4, 0 for none "
                              "(default: %(default)s)")
-    parser.add_argument("--grounding-weight", type=float, default=1.0,
-                        help="weight of the grounding loss (attention on the named object), "
-                             "0 for none (default: %(default)s)")
+    parser.add_argument("--grounding-weight", type=float, default=defaults.grounding_weight,
+                        help="weight of the grounding loss (attention on the named object) in "
+                             "stage 4, 0 for none (default: %(default)s)")
+    parser.add_argument("--cluttered-share", type=float, default=defaults.cluttered_share,
+                        help="share of each batch from the cluttered layout "
+                             "(default: %(default)s)")
     parser.add_argument("--log-every", type=int, default=50,
                         help="steps between log lines (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=int, default=2,
                         help="torch threads (default: %(default)s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    _, _, seconds = train(args.out, args.steps, args.batch, args.lr, args.seed, args.turns,
-                          args.patch_weight, args.grounding_weight, args.vision_steps,
-                          args.log_every)
-    print(f"trained {args.vision_steps} + {args.steps} steps x {args.batch} in "
-          f"{seconds / 60:.1f} min; saved to {args.out}")
+    recipe = Recipe(args.vision_steps, args.text_steps, args.align_steps, args.steps, args.batch,
+                    args.lr, args.seed, args.turns, args.patch_weight, args.grounding_weight,
+                    args.cluttered_share)
+    _, _, seconds = train(args.out, recipe, args.log_every)
+    print(f"trained {args.vision_steps} + {args.text_steps} + {args.align_steps} + {args.steps} "
+          f"steps x {args.batch} in {seconds / 60:.1f} min; saved to {args.out}")
 
 
 if __name__ == "__main__":
