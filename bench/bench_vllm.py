@@ -53,9 +53,9 @@ WORDS = "describe the picture in detail where is the cat how many objects are th
 
 
 def save_checkpoint(folder: Path, preset: str, family: str = "llava") -> Path:
-    """A random-weight Qwen2.5-VL (``family="qwen2_5_vl"``) or LLaVA with processor; CLIP weights renamed ``[model.]vision_tower.
-    vision_model.*`` (transformers 5 saves them without ``vision_model.``, which vLLM's own
-    LLaVA does not load; the plugin loads both)."""
+    """A random-weight Qwen2.5-VL (``family="qwen2_5_vl"``), or a LLaVA with processor; CLIP
+    weights renamed ``[model.]vision_tower.vision_model.*`` (transformers 5 saves them without
+    ``vision_model.``, which vLLM's own LLaVA does not load; the plugin loads both)."""
     from safetensors.torch import load_file, save_file
     if family == "qwen2_5_vl":
         return Path(build_tiny_qwen(folder, "qwen2_5_vl", **QWEN_PRESETS[preset]))
