@@ -81,7 +81,7 @@ class ZSPAPruneModel(torch.nn.Module):
             cls = wrapper_class(model)
         return super().__new__(cls)
 
-    def __init__(self, model, keep: Union[int, float] = 64, relevance_ratio: float = 0.5,
+    def __init__(self, model, keep: Union[int, float] = 64, relevance_ratio: float = 0.25,
                  backend: str = "auto", positions: Optional[str] = None, *, processor=None,
                  prompt: str = "message", selector: Optional[Selector] = None):
         super().__init__()
@@ -116,7 +116,7 @@ class ZSPAPruneModel(torch.nn.Module):
         return any(base.__name__ in cls.model_class_names for base in type(model).__mro__)
 
     @classmethod
-    def from_pretrained(cls, path, keep: Union[int, float] = 64, relevance_ratio: float = 0.5,
+    def from_pretrained(cls, path, keep: Union[int, float] = 64, relevance_ratio: float = 0.25,
                         backend: str = "auto", positions: Optional[str] = None, *,
                         processor=None, prompt: str = "message",
                         selector: Optional[Selector] = None, **hf_kwargs) -> "ZSPAPruneModel":
@@ -280,7 +280,7 @@ def wrapper_class(model) -> type:
     raise TypeError(f"zspaprune supports {', '.join(names)}; got {type(model).__name__}")
 
 
-def prune(model, keep: Union[int, float] = 64, relevance_ratio: float = 0.5,
+def prune(model, keep: Union[int, float] = 64, relevance_ratio: float = 0.25,
           backend: str = "auto", positions: Optional[str] = None, *, processor=None,
           prompt: str = "message", selector: Optional[Selector] = None) -> ZSPAPruneModel:
     """Wrap a loaded model of a supported family so that it keeps ``keep`` visual tokens per
