@@ -29,6 +29,8 @@ from zspaprune_ops.demo.overlay import (CORE_COLOUR, FILL_COLOUR, Budget,  # noq
 from zspaprune_ops.models import wrapper_class  # noqa: E402
 from zspaprune_ops.prompt import ChatLayout, prompt_positions  # noqa: E402
 from zspaprune_ops.reference import naive  # noqa: E402
+from zspaprune_ops.choice import Budget as Pruning  # noqa: E402
+from literal import replay  # noqa: E402
 from zspaprune_ops.rule import core_size  # noqa: E402
 from zspaprune_ops.testing.tiny_llava import build_tiny_llava  # noqa: E402
 from zspaprune_ops.world import scenes  # noqa: E402
@@ -36,6 +38,8 @@ from zspaprune_ops.world import scenes  # noqa: E402
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 ROW = re.compile(r"^\s*(all|\d+)\s+(\d+)%\s+(\d+)\s+([\d.]+)\s+([\d.]+)x\s+(-|\d+)\s+(-|\d+)\s")
 """A table row: keep, share %, seq len, LM MiB, vs all, core, fill."""
+
+RATIO = Pruning.relevance_ratio  # the demo's default ratio
 
 
 def run_demo(*argv):
@@ -47,11 +51,13 @@ def model_inputs(model, processor, image, prompt=DEMO_PROMPT):
     return processor(images=image, text=prompt_text(processor, prompt), return_tensors="pt")
 
 
-def reference_selection(model, processor, inputs, keep, ratio):
-    """The reference rule on the wrapper's own candidates and the demo's relevance prompt (the
-    user's words where the model has a chat template): (kept, core) of the first image."""
+def check_selection(model, processor, inputs, row, ratio):
+    """The demo row's kept tokens and core are the rule's on the wrapper's own candidates and
+    the demo's relevance prompt (the user's words where the model has a chat template), for the
+    first image: the core exactly the reference's, the kept tokens the float64 rule's up to
+    genuine float32 near-ties (the CPU fast path may take the other side of one)."""
     family = wrapper_class(model)
-    wrapped = family(model, keep=keep, relevance_ratio=ratio, prompt="all")
+    wrapped = family(model, keep=row.keep, relevance_ratio=ratio, prompt="all")
     names = ("input_ids", "pixel_values", "attention_mask", *family.visual_inputs)
     with torch.no_grad():
         features = wrapped.prune_inputs(**{k: v for k, v in inputs.items()
@@ -69,12 +75,11 @@ def reference_selection(model, processor, inputs, keep, ratio):
     newline = getattr(model.model, "image_newline", None)  # LLaVA-NeXT's: never a candidate
     candidates = (torch.ones(len(features), dtype=torch.bool) if newline is None
                   else ~(features == newline.to(features)).all(dim=-1))
-    kept = naive.select(features, embeds, keep, ratio, prompt_mask=prompt_mask,
-                        visual_mask=candidates)
-    n_core = core_size(keep, ratio)
-    core = naive.select(features, embeds, n_core, 1.0, prompt_mask=prompt_mask,
-                        visual_mask=candidates)
-    return kept.tolist(), core.tolist()
+    replay(features, embeds, row.keep, ratio, torch.tensor(row.kept), prompt_mask=prompt_mask,
+           visual_mask=candidates)
+    core = naive.select(features, embeds, core_size(row.keep, ratio), 1.0,
+                        prompt_mask=prompt_mask, visual_mask=candidates)
+    assert row.core == core.tolist()
 
 
 def framed_cells(png, layout, grid, view_index, budget_index):
@@ -149,7 +154,7 @@ def test_demo_default_end_to_end(tmp_path, monkeypatch, capsys):
         keep = int(keep)
         assert int(length) == full_length - 256 + keep
         assert float(ratio) == pytest.approx(row.lm_prefill_bytes / base_bytes, abs=0.006)
-        assert (int(core), int(fill)) == (core_size(keep, 0.5), keep - core_size(keep, 0.5))
+        assert (int(core), int(fill)) == (core_size(keep, RATIO), keep - core_size(keep, RATIO))
     # Each answer is marked against the ground truth; the default scene is one the shipped
     # model answers right unpruned.
     for line, row in zip(lines, result.rows):
@@ -166,8 +171,7 @@ def test_demo_default_end_to_end(tmp_path, monkeypatch, capsys):
     assert result.image_tokens == 256
     inputs = model_inputs(model, processor, scene.image, scene.question)
     for row in result.rows[1:]:
-        assert (row.kept, row.core) == reference_selection(model, processor, inputs, row.keep,
-                                                           0.5)
+        check_selection(model, processor, inputs, row, RATIO)
     check_png(result, model, processor, scene.image)
 
     # The LM memory column: at least the KV cache of the row's sequence, smaller for each
@@ -243,8 +247,7 @@ def test_demo_llava_next_draws_base_and_high_res_grids(tmp_path, capsys):
     for row in result.rows[1:]:
         pruned_away = result.image_tokens - row.keep  # newlines included: dropped when pruned
         assert row.sequence_length == result.rows[0].sequence_length - pruned_away
-        assert (row.kept, row.core) == reference_selection(model, processor, inputs, row.keep,
-                                                           0.6)
+        check_selection(model, processor, inputs, row, 0.6)
     grids = check_png(result, model, processor, wide)
     assert [g.name for g in grids] == ["base grid", "high-res grid"]
     base, high = grids
@@ -389,8 +392,7 @@ def test_demo_runs_the_new_families_and_draws_their_views(tmp_path, capsys, fami
     assert n == int((inputs["input_ids"] == model.config.image_token_id).sum())
     for row in result.rows[1:]:
         assert row.sequence_length == result.rows[0].sequence_length - n + row.keep
-        assert (row.kept, row.core) == reference_selection(model, processor, inputs, row.keep,
-                                                           0.5)
+        check_selection(model, processor, inputs, row, RATIO)
     grids = check_png(result, model, processor, wide)
     assert [view[0].name for view in views(grids)] == views_drawn
     assert sum(g.rows * g.cols for g in grids) == n - (  # every token drawn but newlines

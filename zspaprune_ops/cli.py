@@ -11,6 +11,7 @@ import torch
 
 from zspaprune_ops._validate import FEATURE_DTYPES
 from zspaprune_ops.checkpoint import DEMO_PROMPT
+from zspaprune_ops.choice import Budget
 from zspaprune_ops.dispatch import BACKENDS
 from zspaprune_ops.errors import UsageError, one_line_error
 
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", type=budget, nargs="+", default=DEFAULT_BUDGETS,
                       help=f"budgets, one row each: {BUDGET_HELP}; the default keeps 128 64 28 "
                            "13 of 256 tokens, 288 144 64 29 of 576 (default: %(default)s)")
-    demo.add_argument("--ratio", type=ratio, default=0.25,
+    demo.add_argument("--ratio", type=ratio, default=Budget.relevance_ratio,
                       help="relevance ratio in [0, 1] (default: %(default)s)")
     demo.add_argument("--out", default=DEMO_OUT,
                       help="overlay image to write, .png or another format Pillow writes "
