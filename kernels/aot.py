@@ -5,7 +5,8 @@
 row per (configuration, arch): compile seconds; REG (registers per thread), SHARED (shared
 memory bytes per program), STACK (per-thread stack frame bytes) and LOCAL (per-thread local
 memory bytes outside the stack), read by the ``cuobjdump`` bundled with Triton; and SPILL, the
-bytes of registers spilled to local memory (``ptxas -v``'s spill stores). A stack frame without
+bytes of registers spilled to local memory: the spill stores in the log of the ``ptxas -v`` run
+that built the cubin (with Triton's flags: ``--fmad=false`` changes the register allocation). A stack frame without
 spills holds a call's frame or a small local array, not spilled registers. Exits 1 if any
 configuration fails to compile or takes longer than ``--max-seconds``. Run it with
 ``TRITON_INTERPRET`` unset.
@@ -15,6 +16,8 @@ stored or not, DivPrune nearest-neighbour pass or not). Mask presence and the pr
 change a load, so they are covered by one variant each rather than by the full product.
 """
 import argparse
+import contextlib
+import io
 import os
 import re
 import subprocess
@@ -30,7 +33,8 @@ _TORCH = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def configurations():
-    """[(name, kernel attribute, signature, constexprs, num_warps)] for every launch variant."""
+    """[(name, kernel attribute, signature, constexprs, compile options)] for every launch
+    variant, the options as ``select_batched`` passes them."""
     from . import select as k
     configs = []
     for prompt in ("fp32", "bf16"):
@@ -40,7 +44,7 @@ def configurations():
                                 "prompt_ptr": f"*{prompt}", "pmask_ptr": _mask(pmask),
                                 "counts_ptr": "*i32", "sync_ptr": "*i64"}),
                             {"HAS_PMASK": pmask, "BD": k.PROMPT_BLOCK_D, "BT": k.PROMPT_BLOCK_T},
-                            k.PROMPT_WARPS))
+                            {"num_warps": k.PROMPT_WARPS}))
     for dtype, short in _DTYPES.items():
         for gram, nearest in ((True, False), (True, True), (False, True), (False, False)):
             configs.append(_prepare(k, short, True, gram, nearest))
@@ -53,14 +57,14 @@ def configurations():
                              "CAND": k.STREAM_CANDIDATES,
                              "BLOCK_K": k.candidate_k(getattr(torch, dtype)),
                              "CHUNK": k.LIST_CHUNK, "INTERPRETED": False},
-                            k.STREAM_WARPS))
+                            {"num_warps": k.STREAM_WARPS}))
     configs.append(_prepare(k, "bf16", False, True, True))  # no visual mask
     for block, warps in k.REGISTER_BLOCKS:
         for nearest in (False, True):
             configs.append((f"gram-select block={block} nearest={nearest}", "_select_gram_kernel",
                             _signature(k._select_gram_kernel, {"counts_ptr": "*i32"}),
                             {"NEED_NEAREST": nearest, "BLOCK": block, "ROWS": k.CORE_ROWS},
-                            warps))
+                            {"num_warps": warps}))
     return configs
 
 
@@ -75,7 +79,8 @@ def _prepare(k, visual, vmask, gram, nearest):
     constexprs = {"HAS_VMASK": vmask, "STORE_GRAM": gram, "NEED_NEAREST": nearest,
                   "DOT_FP32": False, "BM": k.TILE,
                   "BK": k.tile_k(_TORCH[visual])}
-    return name, "_prepare_kernel", signature, constexprs, k.PREPARE_WARPS
+    options = {"num_warps": k.PREPARE_WARPS, "num_stages": k.prepare_stages(_TORCH[visual])}
+    return name, "_prepare_kernel", signature, constexprs, options
 
 
 def _signature(kernel, pointers):
@@ -111,36 +116,25 @@ def _compile(job):
     from triton.compiler import ASTSource
 
     from . import select as k
-    name, attribute, signature, constexprs, warps = configurations()[index]
+    name, attribute, signature, constexprs, options = configurations()[index]
     kernel = getattr(k, attribute)
     for key in constexprs:
         signature[key] = "constexpr"
+    log = io.StringIO()
     start = time.perf_counter()
     try:
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs, _aligned(kernel)),
-                                  target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": warps, **k.LAUNCH_OPTIONS})
+        with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG (main) prints ptxas -v
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs, _aligned(kernel)),
+                                      target=GPUTarget("cuda", arch, 32),
+                                      options={**options, **k.LAUNCH_OPTIONS})
     except Exception as error:  # reported, and fails the run
         return name, arch, time.perf_counter() - start, None, f"{type(error).__name__}: {error}"
     seconds = time.perf_counter() - start
     usage = _resources(compiled.asm["cubin"])
     usage["SHARED"] = compiled.metadata.shared  # dynamic shared memory; cuobjdump shows static
-    usage["SPILL"] = _spill_bytes(compiled.asm["ptx"], arch)
+    found = re.search(r"(\d+) bytes spill stores", log.getvalue())
+    usage["SPILL"] = int(found.group(1)) if found else -1
     return name, arch, seconds, usage, None
-
-
-def _spill_bytes(ptx: str, arch: int) -> int:
-    """Spill-store bytes that ``ptxas -v`` (the one Triton assembles with) reports; -1 if none
-    is said."""
-    from triton.backends.nvidia.compiler import get_ptxas
-    with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as file:
-        file.write(ptx)
-        file.flush()
-        gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-        text = subprocess.run([get_ptxas(arch).path, "--gpu-name", gpu, "-v", "-o", os.devnull,
-                               file.name], capture_output=True, text=True).stderr
-    found = re.search(r"(\d+) bytes spill stores", text)
-    return int(found.group(1)) if found else -1
 
 
 def _resources(cubin: bytes) -> dict:
@@ -166,6 +160,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter builds no GPU code")
+    # SPILL is read from the log of the ptxas run that builds the cubin (its flags: --fmad=false
+    # here, and whatever the Triton version adds); a cache hit runs no ptxas, so compile afresh
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    with tempfile.TemporaryDirectory(prefix="zspaprune-aot-") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        return _compile_all(args)
+
+
+def _compile_all(args) -> int:
     jobs = [(i, arch) for i in range(len(configurations())) for arch in args.arch]
     failed = 0
     print(f"{'configuration':<62} {'sm':>3} {'s':>6} {'REG':>4} {'SHARED':>7} {'STACK':>5} "

@@ -30,6 +30,14 @@ the L2 re-reads of large N, but spill registers with triton 3.6 on sm_90 (the GP
 one variant and leave most SMs idle at N = 576 (15 tiles)."""
 PREPARE_WARPS = 8
 """Warps of launch 1: with 4, the 64x64 tiles spill (see ``python -m zspaprune_ops.kernels.aot``)."""
+
+
+def prepare_stages(dtype: torch.dtype) -> int:
+    """Software-pipeline depth of launch 1's feature loop: float32 tiles are multiplied on CUDA
+    cores (FMA-bound: little load latency to hide), and pipelining them spills registers in
+    the streaming nearest-neighbour pass (16-24 bytes with triton 3.6); 16-bit tiles keep
+    Triton's default, 3."""
+    return 1 if dtype == torch.float32 else 3
 PROMPT_BLOCK_D, PROMPT_BLOCK_T, PROMPT_WARPS = 32, 256, 8
 """Launch 0 tile: features x prompt rows per load (T = 2900 takes 12 dependent loads)."""
 
@@ -54,8 +62,10 @@ depend on each other: ROWS loads in flight instead of one dependent load per cor
 REGISTER_BLOCKS = ((256, 1), (1024, 2), (4096, 8))
 """(block, num_warps) buckets of the Gram-mode launch 2: the block holds all N keys. Few warps:
 each step's argmax is then mostly warp shuffles (latency-bound loop); 4096 needs 8 to not spill."""
-STREAM_BLOCK_N, STREAM_WARPS = 32, 4
-"""Streaming-mode launch 2: tokens per block of a pass over the features."""
+STREAM_BLOCK_N, STREAM_WARPS = 32, 8
+"""Streaming-mode launch 2: tokens per block of a pass over the features, and warps per program.
+With 4 warps the 16-bit variants spill 8-12 bytes at 255 registers (triton 3.6, sm_80 and sm_90)
+and float32 spills on sm_90; 8 warps hold the same warps per SM in half the programs."""
 STREAM_CANDIDATES = 16
 """Candidates per pass of the streaming launch 2: their distances to every token come from one
 pass over the features (a [32, D] x [D, 16] tensor-core product per token block), and every
@@ -226,7 +236,8 @@ def _select_chunk(visual, prompt, keep, relevance_ratio, prompt_mask, visual_mas
         *visual.stride()[:2], *_strides(visual_mask), HAS_VMASK=visual_mask is not None,
         STORE_GRAM=gram, NEED_NEAREST=nearest_needed,
         DOT_FP32=visual.dtype == torch.bfloat16 and _interpreted(), BM=TILE,
-        BK=tile_k(visual.dtype), num_warps=PREPARE_WARPS, **LAUNCH_OPTIONS)
+        BK=tile_k(visual.dtype), num_warps=PREPARE_WARPS, num_stages=prepare_stages(visual.dtype),
+        **LAUNCH_OPTIONS)
     if gram:
         block, warps = register_block(N)
         _select_gram_kernel[(B,)](gram_scratch, views["part"], views["psq"], counts, inv, fill,

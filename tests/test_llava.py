@@ -400,7 +400,8 @@ def test_original_positions_equal_the_full_run_with_the_pruned_tokens_masked_out
     inputs = batch(folders, kind, PROMPTS[:2], [(32, 32), (40, 70)], seed=13)
     wrapped = load(folders, kind, keep=5)
     assert wrapped.positions == "compact"  # LLaVA's default
-    original = ZSPAPruneLlava(wrapped.model, keep=5, positions="original")
+    original = ZSPAPruneLlava(wrapped.model, keep=5, relevance_ratio=wrapped.relevance_ratio,
+                              positions="original")
     with torch.no_grad():
         pruned = original.prune_inputs(**inputs)
         logits = original(**inputs).logits
