@@ -81,12 +81,13 @@ class Engine:
         """Greedy new tokens per request."""
         return [list(out.outputs[0].token_ids) for out in self.generate(requests)]
 
-    def selections(self) -> dict:
-        """Kept positions recorded in the engine, per image prompt ids: {ids: [kept, ...]}."""
+    def selections(self, rank: int = 0) -> dict:
+        """Kept positions recorded in the engine's worker ``rank``, per image prompt ids:
+        {ids: [kept, ...]}."""
         from zspaprune_ops.vllm.processing import recorded_selections
         found = {}
         with mock.patch.dict(os.environ, {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}):
-            recorded = self.llm.apply_model(recorded_selections)[0]
+            recorded = self.llm.apply_model(recorded_selections)[rank]
         for ids, kept in recorded:
             found.setdefault(tuple(ids), []).append(kept)  # tuples come back as lists
         return found
