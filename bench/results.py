@@ -129,8 +129,10 @@ def render(rows: list, source: str = "`bench/results/*.json`") -> str:
                 "(`python bench/bench_select.py --preset gpu` on a CUDA machine).", ""]
     runs = {}
     for row in rows:
+        model_data = ((row["shape"].get("model"), row["shape"].get("data"))
+                      if row["bench"] in ("accuracy", "relevance_coverage") else None)
         key = (row["device"], row["bench"], row["torch"], row["triton"], row["commit"], row["date"],
-               row["shape"].get("data") if row["bench"] == "accuracy" else None)
+               model_data)
         runs.setdefault(key, []).append(row)
     for (device, bench, torch_v, triton_v, commit, date, _), group in runs.items():
         out += [f"## {bench} on {device}", "",
@@ -213,13 +215,13 @@ def render_coverage(group: list) -> list:
     from zspaprune_ops.eval.report import paired_cell
 
     lines = []
-    for data in dict.fromkeys(r["shape"]["data"] for r in group):
-        rows = [r for r in group if r["shape"]["data"] == data]
+    for model, data in dict.fromkeys((r["shape"]["model"], r["shape"]["data"]) for r in group):
+        rows = [r for r in group if (r["shape"]["model"], r["shape"]["data"]) == (model, data)]
         prompts = list(dict.fromkeys(r["prompt"] for r in rows))
         cell = {(r["prompt"], r["keep"]): r for r in rows}
         keeps = sorted({r["keep"] for r in rows}, reverse=True)
         first = rows[0]
-        lines += [f"{first['shape']['model']} on {data}, {first['shape']['questions']} questions "
+        lines += [f"{model} on {data}, {first['shape']['questions']} questions "
                   "naming an object in the scene: share of questions whose relevance top-keep "
                   "holds a patch of the named object (in brackets: share of the top-keep on it; "
                   "AUC: chance that a named-object patch outranks a background patch)", "",

@@ -5,13 +5,15 @@ cluttered split: every question; the test split: all but "Is there a ...?" about
 shape), the relevance ranking of the shipped model's visual tokens (cosine of each projected
 visual token to the mean input embedding of the prompt tokens: what the relevance core ranks
 by, ``reference.naive.select`` at ``relevance_ratio=1``) is compared with the patches of the
-named object, at each budget's ``keep``, for three prompts:
+named object, at each budget's ``keep``, for four prompts:
 
 - ``all``: every text token (``prompt="all"``, the old default: the template's ``USER``,
   ``:``, ``ASSISTANT`` beside the question);
 - ``message``: the user's words (``prompt="message"``, the default);
 - ``named word``: the one word naming the object (a diagnostic, not an option: what a perfect
-  mean over the question could give).
+  mean over the question could give);
+- ``every word``: the mean of all the world's word embeddings, no question at all (a control:
+  where a ranking that does not depend on the question puts its picks).
 
 Writes JSON rows (``"bench": "relevance_coverage"``, rendered by ``bench/results.py``) to
 ``--out`` and prints the word-alignment probe (``world.alignment``) per split: how close the
@@ -32,9 +34,9 @@ from zspaprune_ops.reference.naive import select
 from zspaprune_ops.testing.measure import environment
 from zspaprune_ops.world import scenes
 from zspaprune_ops.world.alignment import word_alignment
-from zspaprune_ops.world.model import image_features
+from zspaprune_ops.world.model import WORDS, image_features
 
-PROMPTS = ("all", "message", "named word")
+PROMPTS = ("all", "message", "named word", "every word")
 
 
 def prompt_embeddings(model, processor, layout, ids: torch.Tensor, question: str, prompt: str):
@@ -43,6 +45,8 @@ def prompt_embeddings(model, processor, layout, ids: torch.Tensor, question: str
     if prompt == "named word":
         word = question.rstrip("?").split()[-1]
         return embed(torch.tensor(processor.tokenizer.convert_tokens_to_ids([word])))
+    if prompt == "every word":
+        return embed(torch.tensor(processor.tokenizer.convert_tokens_to_ids(list(WORDS))))
     image = model.config.image_token_id
     start = int((ids == image).nonzero()[0])
     positions = prompt_positions(ids, [start], [image], layout, prompt)[0]

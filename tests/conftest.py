@@ -43,6 +43,8 @@ SLOW_TESTS = {
         "wheel build and install: 5 s",
     "test_world.py::test_training_script_runs_a_few_steps_and_saves_a_loadable_model":
         "training: 4 s",
+    "test_world.py::test_frozen_vision_instruction_tuning_moves_the_language_model_only":
+        "training: 2 s",
     "test_demo.py::test_demo_runs_the_new_families_and_draws_their_views":
         "a tiny OneVision / InternVL / Gemma 3 through the whole demo: 1-4 s each when the "
         "machine is quiet, 3-12 s under load",

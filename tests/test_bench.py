@@ -191,12 +191,13 @@ def test_fused_graph_needs_a_gpu_and_the_model_predicts_known_gpus(monkeypatch):
 
 
 def test_render_accuracy_per_data_set_with_paired_differences_and_coverage():
-    """Two eval runs (two data sets) render as two tables, each with its paired differences
-    against DivPrune; coverage rows render per data set with the message - all difference."""
+    """Eval runs (two data sets, two models on one) render as a table each, with its paired
+    differences against DivPrune; coverage rows render per data set with the message - all
+    difference."""
     env = {"device": "cpu", "torch": "t", "triton": "x", "commit": "c", "date": "d"}
 
-    def row(data, method, budget, keep, right):
-        shape = {"model": "m", "data": data, "questions": 4, "N": 256, "budget": budget}
+    def row(data, method, budget, keep, right, model="m"):
+        shape = {"model": model, "data": data, "questions": 4, "N": 256, "budget": budget}
         return {"bench": "accuracy", "shape": shape, "impl": method, "method": method,
                 "keep": keep, "accuracy": right.count("1") / 4, "correct": right.count("1"),
                 "ci95": [0, 1], "agreement": 1.0, "agree": 4, "right": right, **env}
@@ -206,6 +207,9 @@ def test_render_accuracy_per_data_set_with_paired_differences_and_coverage():
         rows += [row(data, "unpruned", 1.0, 256, "1111"),
                  row(data, "ratio 0 (DivPrune)", 0.05, 13, "1100"),
                  row(data, "ratio 1 (relevance only)", 0.05, 13, "1011")]
+    rows += [row("world test", "unpruned", 1.0, 256, "1111", model="m2"),  # same run, other model
+             row("world test", "ratio 0 (DivPrune)", 0.05, 13, "1111", model="m2"),
+             row("world test", "ratio 1 (relevance only)", 0.05, 13, "0000", model="m2")]
     for prompt, hits in (("all", "0011"), ("message", "1111")):
         rows.append({"bench": "relevance_coverage", "prompt": prompt, "impl": prompt, "keep": 13,
                      "shape": {"model": "m", "data": "world cluttered", "questions": 4,
@@ -215,4 +219,5 @@ def test_render_accuracy_per_data_set_with_paired_differences_and_coverage():
     text = results.render(rows)
     assert text.count("| 5% (13 tokens) | +25.0 ± ") == 2  # 1011 - 1100, per data set
     assert "m on world test" in text and "m on world cluttered" in text
+    assert "m2 on world test" in text and text.count("| 5% (13 tokens) | -100.0 ± ") == 1
     assert "| 13 | 50.0 (10.0) | 100.0 (10.0) | 30.0 | +50.0 ± " in text

@@ -7,8 +7,8 @@ import torch
 
 pytest.importorskip("transformers")
 from zspaprune_ops.world import scenes  # noqa: E402
-from zspaprune_ops.world.model import (CHAT_TEMPLATE, WORDS, build_processor,  # noqa: E402
-                                        chat_prompt)
+from zspaprune_ops.world.model import (CHAT_TEMPLATE, WORDS, build_model,  # noqa: E402
+                                        build_processor, chat_prompt)
 
 REAL_LLAVA_TEMPLATE = (Path(__file__).parent / "data" / "chat_templates" / "llava_1_5.jinja"
                        ).read_text()
@@ -93,6 +93,20 @@ def test_training_script_runs_a_few_steps_and_saves_a_loadable_model(tmp_path, c
                       text=[chat_prompt(scenes.sample("val", 0).question)])
     assert model.generate(**batch, max_new_tokens=2, do_sample=False).shape[0] == 1
     assert processor.chat_template == REAL_LLAVA_TEMPLATE  # prompt="message" finds the question
+
+
+def test_frozen_vision_instruction_tuning_moves_the_language_model_only(tmp_path):
+    from zspaprune_ops.world import train
+
+    recipe = train.Recipe(vision_steps=0, steps=2, batch_size=2, turns=2, frozen_vision=True)
+    model, _, _ = train.train(tmp_path, recipe, log_every=2)
+    fresh = build_model(recipe.seed).half().float()  # saved in fp16: compare what was saved
+    before, after = dict(fresh.named_parameters()), dict(model.named_parameters())
+    vision = [n for n in after if "vision_tower" in n or "multi_modal_projector" in n]
+    language = [n for n in after if n not in vision]
+    assert vision and language
+    assert all(torch.equal(after[n], before[n]) for n in vision)
+    assert any(not torch.equal(after[n], before[n]) for n in language)
 
 
 def test_the_world_template_is_llava_1_5s_and_renders_chat_prompt():

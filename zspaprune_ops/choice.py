@@ -46,7 +46,7 @@ class Budget:
     ``relevance_ratio`` (in [0, 1]) of them form the relevance core."""
 
     keep: Union[int, float] = 64
-    relevance_ratio: float = 0.25  # the shapes-world evidence: docs/evidence.md
+    relevance_ratio: float = 0.0  # DivPrune: no model measured gained from a core: evidence.md
 
     def __post_init__(self):
         keep = self.keep

@@ -44,7 +44,9 @@ class ZSPAPruneModel(torch.nn.Module):
         keep: visual tokens kept per image / video: an int (>= 1; an item with fewer keeps
             them all) or a float in (0, 1], a share of each item's tokens
             (``max(1, floor(keep * N + 0.5))``; 1.0 keeps everything).
-        relevance_ratio: share of ``keep`` chosen by prompt relevance, in [0, 1].
+        relevance_ratio: share of ``keep`` chosen by prompt relevance, in [0, 1]; the default,
+            0, is DivPrune (no model measured so far gained from a relevance core:
+            docs/evidence.md).
         backend: ``"auto"`` calls ``torch.ops.zspaprune.select``; any other backend of
             ``zspaprune_ops.select`` (e.g. ``"reference"``) goes through that wrapper.
         positions: ``"original"`` (kept tokens and the text after them keep their positions in
@@ -81,9 +83,10 @@ class ZSPAPruneModel(torch.nn.Module):
             cls = wrapper_class(model)
         return super().__new__(cls)
 
-    def __init__(self, model, keep: Union[int, float] = 64, relevance_ratio: float = 0.25,
-                 backend: str = "auto", positions: Optional[str] = None, *, processor=None,
-                 prompt: str = "message", selector: Optional[Selector] = None):
+    def __init__(self, model, keep: Union[int, float] = 64,
+                 relevance_ratio: float = Budget.relevance_ratio, backend: str = "auto",
+                 positions: Optional[str] = None, *, processor=None, prompt: str = "message",
+                 selector: Optional[Selector] = None):
         super().__init__()
         if not self.handles(model):
             names = " or ".join(self.model_class_names)
@@ -116,7 +119,8 @@ class ZSPAPruneModel(torch.nn.Module):
         return any(base.__name__ in cls.model_class_names for base in type(model).__mro__)
 
     @classmethod
-    def from_pretrained(cls, path, keep: Union[int, float] = 64, relevance_ratio: float = 0.25,
+    def from_pretrained(cls, path, keep: Union[int, float] = 64,
+                        relevance_ratio: float = Budget.relevance_ratio,
                         backend: str = "auto", positions: Optional[str] = None, *,
                         processor=None, prompt: str = "message",
                         selector: Optional[Selector] = None, **hf_kwargs) -> "ZSPAPruneModel":
@@ -280,7 +284,7 @@ def wrapper_class(model) -> type:
     raise TypeError(f"zspaprune supports {', '.join(names)}; got {type(model).__name__}")
 
 
-def prune(model, keep: Union[int, float] = 64, relevance_ratio: float = 0.25,
+def prune(model, keep: Union[int, float] = 64, relevance_ratio: float = Budget.relevance_ratio,
           backend: str = "auto", positions: Optional[str] = None, *, processor=None,
           prompt: str = "message", selector: Optional[Selector] = None) -> ZSPAPruneModel:
     """Wrap a loaded model of a supported family so that it keeps ``keep`` visual tokens per

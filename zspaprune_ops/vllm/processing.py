@@ -39,7 +39,7 @@ RECORD_ENV = "ZSPAPRUNE_RECORD_SELECTIONS"
 
 
 def pruning_config(hf_config) -> Budget:
-    """The pruning settings in a model config (defaults keep=64, relevance_ratio=0.25); raises
+    """The pruning settings in a model config (defaults keep=64, relevance_ratio=0); raises
     ValueError / TypeError naming the config key when a setting is out of range."""
     keep = getattr(hf_config, KEEP_KEY, Budget.keep)
     ratio = getattr(hf_config, RATIO_KEY, Budget.relevance_ratio)
