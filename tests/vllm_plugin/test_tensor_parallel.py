@@ -51,20 +51,20 @@ def expected(folder, kind):
         hf = HFReference(folder, KEEP[kind])
         prompts = ["USER: <image> What is shown in the image? ASSISTANT:",
                    "USER: <image><image> Where is the cat? ASSISTANT:"]
+
+        def answer(prompt, pictures):
+            reference = hf.run(prompt, pictures)
+            return reference.prompt_ids, reference.kept, reference.tokens
     else:
         hf = qwen_helpers.QwenReference(folder, KEEP[kind])
         prompts = [hf.prompt("What is shown in the image?"), hf.prompt("Where is the cat?", 2)]
-    requests = [(prompts[0], [image(48, 40, 1)]), (prompts[1], [image(64, 32, 2),
-                                                                image(32, 56, 3)])]
-    answers = []
-    for prompt, pictures in requests:
-        if kind == "llava":
-            reference = hf.run(prompt, pictures)
-            answers.append((reference.prompt_ids, reference.kept, reference.tokens))
-        else:
+
+        def answer(prompt, pictures):
             _, kept, tokens, _, prompt_ids = hf.run(prompt, pictures)
-            answers.append((prompt_ids, kept, tokens))
-    return requests, answers
+            return prompt_ids, kept, tokens
+    requests = [(prompts[0], [image(48, 40, 1)]),
+                (prompts[1], [image(64, 32, 2), image(32, 56, 3)])]
+    return requests, [answer(*request) for request in requests]
 
 
 def test_both_ranks_keep_the_hf_wrappers_tokens_and_answer_as_it_does(llm, folder, kind):

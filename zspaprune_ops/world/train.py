@@ -230,11 +230,11 @@ def train(out: Path, recipe: Recipe = Recipe(), log_every: int = 50):
     tower = [*model.model.vision_tower.parameters()]
     projector = [*model.model.multi_modal_projector.parameters()]
     language = [*model.model.language_model.parameters(), *model.lm_head.parameters()]
+    instruction = language if r.frozen_vision else [*model.parameters()]
     stages = (("vision step", r.vision_steps, tower + projector + [*heads.parameters()]),
               ("text step", r.text_steps, language),
               ("align step", r.align_steps, projector),
-              ("step", r.steps, language + [*heads.parameters()] if r.frozen_vision
-               else [*model.parameters(), *heads.parameters()]))
+              ("step", r.steps, instruction + [*heads.parameters()]))
     ids = (model.config.image_token_id, processor.tokenizer.eos_token_id)
     start, data = time.time(), Scenes(r.cluttered_share)
     for name, count, parameters in stages:
