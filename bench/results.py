@@ -209,35 +209,32 @@ def render_table(group: list) -> list:
 
 
 def render_coverage(group: list) -> list:
-    """Markdown lines of ``bench/world_relevance.py``'s rows: per data set and budget, how often
-    the relevance top-``keep`` covers the object the question names, per prompt, with the new
-    prompt's paired difference against the old one."""
+    """Markdown lines of one run of ``bench/world_relevance.py`` on one model and data set
+    (``render`` groups the rows so): per budget, how often the relevance top-``keep`` covers the
+    object the question names, per prompt, with the new prompt's paired difference against the
+    old one."""
     from zspaprune_ops.eval.report import paired_cell
 
-    lines = []
-    for model, data in dict.fromkeys((r["shape"]["model"], r["shape"]["data"]) for r in group):
-        rows = [r for r in group if (r["shape"]["model"], r["shape"]["data"]) == (model, data)]
-        prompts = list(dict.fromkeys(r["prompt"] for r in rows))
-        cell = {(r["prompt"], r["keep"]): r for r in rows}
-        keeps = sorted({r["keep"] for r in rows}, reverse=True)
-        first = rows[0]
-        lines += [f"{model} on {data}, {first['shape']['questions']} questions "
-                  "naming an object in the scene: share of questions whose relevance top-keep "
-                  "holds a patch of the named object (in brackets: share of the top-keep on it; "
-                  "AUC: chance that a named-object patch outranks a background patch)", "",
-                  "| kept tokens | " + " | ".join(prompts) + " | random picks | "
-                  "message - all (paired) |", "|---" * (len(prompts) + 3) + "|"]
-        for keep in keeps:
-            cells = [f"{cell[p, keep]['covered'] * 100:.1f} ({cell[p, keep]['on_named'] * 100:.1f})"
-                     for p in prompts]
-            random = f"{cell[prompts[0], keep]['random_covered'] * 100:.1f}"
-            paired = (paired_cell(cell["message", keep]["hits"], cell["all", keep]["hits"])
-                      if {"message", "all"} <= set(prompts) else "")
-            lines.append(f"| {keep:g} | " + " | ".join(cells) + f" | {random} | {paired} |")
-        lines.append("| AUC | " + " | ".join(f"{cell[p, keeps[0]]['auc']:.3f}" for p in prompts)
-                     + " | 0.500 | |")
-        lines.append("")
-    return lines
+    prompts = list(dict.fromkeys(r["prompt"] for r in group))
+    cell = {(r["prompt"], r["keep"]): r for r in group}
+    keeps = sorted({r["keep"] for r in group}, reverse=True)
+    shape = group[0]["shape"]
+    lines = [f"{shape['model']} on {shape['data']}, {shape['questions']} questions "
+             "naming an object in the scene: share of questions whose relevance top-keep "
+             "holds a patch of the named object (in brackets: share of the top-keep on it; "
+             "AUC: chance that a named-object patch outranks a background patch)", "",
+             "| kept tokens | " + " | ".join(prompts) + " | random picks | "
+             "message - all (paired) |", "|---" * (len(prompts) + 3) + "|"]
+    for keep in keeps:
+        cells = [f"{cell[p, keep]['covered'] * 100:.1f} ({cell[p, keep]['on_named'] * 100:.1f})"
+                 for p in prompts]
+        random = f"{cell[prompts[0], keep]['random_covered'] * 100:.1f}"
+        paired = (paired_cell(cell["message", keep]["hits"], cell["all", keep]["hits"])
+                  if {"message", "all"} <= set(prompts) else "")
+        lines.append(f"| {keep:g} | " + " | ".join(cells) + f" | {random} | {paired} |")
+    lines.append("| AUC | " + " | ".join(f"{cell[p, keeps[0]]['auc']:.3f}" for p in prompts)
+                 + " | 0.500 | |")
+    return lines + [""]
 
 
 def render_e2e_table(group: list) -> list:
